@@ -1,0 +1,143 @@
+"""From QA samples to token ids: the chat template (when the tokenizer has one), a mask of the
+answer tokens (the only tokens every metric reads), a mask of the question tokens (what the
+``corrupt`` baseline replaces), and right-padded batches.
+
+Right padding keeps every real token at the position it has when the sample runs alone, so a
+batched run computes exactly what one-sample-at-a-time runs compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from cud.data.samples import QASample
+from cud.errors import DataError
+
+PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """One tokenised sample. Masks are over the token positions of ``input_ids``."""
+
+    id: str
+    input_ids: tuple[int, ...]
+    answer_mask: tuple[bool, ...]    # token belongs to the answer (a prediction target)
+    question_mask: tuple[bool, ...]  # token belongs to the question text
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Batch:
+    """Right-padded tensors of a batch of samples. Shapes (B, T) unless noted."""
+
+    ids: list[str]
+    input_ids: torch.Tensor       # long
+    attention_mask: torch.Tensor  # bool, True on real tokens
+    answer_mask: torch.Tensor     # bool, True on answer tokens
+    question_mask: torch.Tensor   # bool, True on question tokens
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.ids, *(t.to(device) for t in (
+            self.input_ids, self.attention_mask, self.answer_mask, self.question_mask)))
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """(B, T-1) bool: logits at position t predict token t+1; True where that is an answer token."""
+        return self.answer_mask[:, 1:]
+
+
+def format_prompt(tokenizer, question: str) -> tuple[str, bool]:
+    """The prompt text for a question and whether the tokenizer should add its special tokens.
+
+    With a chat template, the question is the user's turn and the generation prompt follows;
+    the template already holds every special token it wants.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                             tokenize=False, add_generation_prompt=True)
+        return text, False
+    return PLAIN_TEMPLATE.format(question=question), True
+
+
+def encode_sample(tokenizer, sample: QASample, *, max_length: int | None = None
+                  ) -> EncodedSample:
+    """Tokenise ``sample`` as prompt + answer and mark answer and question tokens.
+
+    Raises :class:`DataError` naming the sample's source when it has no answer token after
+    tokenisation or is longer than ``max_length`` tokens.
+    """
+    prompt, add_special = format_prompt(tokenizer, sample.question)
+    answer = sample.answer if prompt.endswith(("\n", " ")) else " " + sample.answer
+    full = prompt + answer
+    answer_start = len(prompt)
+    q_start = prompt.rfind(sample.question)
+    q_end = q_start + len(sample.question)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, add_special_tokens=add_special, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        offsets = enc["offset_mapping"]
+        answer_mask = [end > answer_start and end > start for start, end in offsets]
+        question_mask = [q_start >= 0 and start < q_end and end > q_start and end > start
+                         for start, end in offsets]
+    else:  # slow tokenizers have no offsets: tokenise the parts separately
+        p_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        ids = list(p_ids) + list(a_ids)
+        answer_mask = [False] * len(p_ids) + [True] * len(a_ids)
+        question_mask = [False] * len(ids)
+    file, _, line = sample.source.rpartition(":")
+    where = dict(file=file or sample.source or sample.id,
+                 line=int(line) if line.isdigit() else None)
+    if not any(answer_mask):
+        raise DataError("the answer has no token after tokenisation", field="answer", **where)
+    if answer_mask[0]:
+        raise DataError("the prompt has no token before the answer", field="question", **where)
+    if max_length is not None and len(ids) > max_length:
+        field = "question" if sum(not a for a in answer_mask) > max_length else "answer"
+        raise DataError(f"{len(ids)} tokens, longer than the model's {max_length}",
+                        field=field, **where)
+    return EncodedSample(sample.id, tuple(ids), tuple(answer_mask), tuple(question_mask))
+
+
+def encode_samples(tokenizer, samples: Sequence[QASample], *, max_length: int | None = None
+                   ) -> list[EncodedSample]:
+    return [encode_sample(tokenizer, s, max_length=max_length) for s in samples]
+
+
+def collate(encoded: Sequence[EncodedSample], pad_token_id: int = 0) -> Batch:
+    """Right-pad a list of encoded samples into a :class:`Batch`."""
+    if not encoded:
+        raise ValueError("cannot collate an empty batch")
+    t = max(len(e) for e in encoded)
+    b = len(encoded)
+    input_ids = torch.full((b, t), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((b, t), dtype=torch.bool)
+    answer = torch.zeros((b, t), dtype=torch.bool)
+    question = torch.zeros((b, t), dtype=torch.bool)
+    for i, e in enumerate(encoded):
+        n = len(e)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        attention[i, :n] = True
+        answer[i, :n] = torch.tensor(e.answer_mask)
+        question[i, :n] = torch.tensor(e.question_mask)
+    return Batch([e.id for e in encoded], input_ids, attention, answer, question)
+
+
+def batches(encoded: Sequence[EncodedSample], batch_size: int, pad_token_id: int = 0,
+            *, sort_by_length: bool = True) -> list[Batch]:
+    """Split into batches; by default samples of similar length go together (less padding)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i])) if sort_by_length \
+        else list(range(len(encoded)))
+    return [collate([encoded[i] for i in order[k:k + batch_size]], pad_token_id)
+            for k in range(0, len(order), batch_size)]

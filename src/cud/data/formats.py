@@ -1,0 +1,170 @@
+"""Reading QA sets from files: TOFU-style JSON / JSON Lines, CSV, Hugging Face datasets on disk,
+and the built-in generator. Every invalid row raises :class:`DataError` naming file, line and field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from cud.data.generator import fictitious_authors
+from cud.data.samples import QASample
+from cud.errors import DataError
+
+#: The default data of the main job.
+BUILTIN = "builtin"
+REQUIRED_FIELDS = ("question", "answer")
+
+
+def load_qa(spec: str | Path, *, split: str | None = None, limit: int | None = None
+            ) -> list[QASample]:
+    """Load a QA set.
+
+    ``spec`` is a path to a ``.json`` / ``.jsonl`` file (a JSON array or JSON Lines, one
+    ``{"question", "answer", "id"?}`` object each), a ``.csv`` file with those columns, a folder
+    written by ``datasets.Dataset.save_to_disk`` (``split`` picks a split of a ``DatasetDict``),
+    or ``builtin[:N[:SEED]]`` for N generated fictitious-author facts (default 100, seed 0).
+    Rows without an ``id`` get ``<file stem>-<row index>``. Duplicate ids are an error.
+    """
+    spec_str = str(spec)
+    if spec_str == BUILTIN or spec_str.startswith(BUILTIN + ":"):
+        samples = _builtin(spec_str)
+    else:
+        path = Path(spec_str)
+        if not path.exists():
+            raise DataError("no such file or folder", file=spec_str)
+        if path.is_dir():
+            samples = list(_rows_to_samples(_hf_disk_rows(path, split), path))
+        elif path.suffix.lower() == ".csv":
+            samples = list(_rows_to_samples(_csv_rows(path), path))
+        elif path.suffix.lower() in (".json", ".jsonl", ".ndjson"):
+            samples = list(_rows_to_samples(_json_rows(path), path))
+        else:
+            raise DataError("unknown data format (expected .json, .jsonl, .csv, a dataset "
+                            "folder or 'builtin')", file=spec_str)
+    if limit is not None:
+        samples = samples[:limit]
+    if not samples:
+        raise DataError("no samples", file=spec_str)
+    return samples
+
+
+def _builtin(spec: str) -> list[QASample]:
+    parts = spec.split(":")[1:]
+    try:
+        n = int(parts[0]) if parts and parts[0] else 100
+        seed = int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise DataError(f"expected builtin[:N[:SEED]] with integers, got '{spec}'") from None
+    if n < 1:
+        raise DataError(f"builtin data needs N >= 1, got {n}")
+    return fictitious_authors(n, seed=seed)
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"not valid UTF-8 (byte {e.start})", file=str(path), line=line) from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, row). A file holding one JSON array (or {"data": [...]}) or JSON Lines."""
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON: {e.msg}", file=str(path), line=e.lineno) from None
+        # Items of an array have no line of their own: report the item number instead.
+        for i, row in enumerate(rows):
+            yield i + 1, row
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", file=str(path),
+                            line=lineno) from None
+        if isinstance(row, dict) and "data" in row and isinstance(row["data"], list) \
+                and not any(k in row for k in REQUIRED_FIELDS):
+            for i, item in enumerate(row["data"]):
+                yield i + 1, item
+            continue
+        yield lineno, row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    text = _read_text(path)
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    if reader.fieldnames is None:
+        raise DataError("empty CSV file", file=str(path))
+    for row in reader:
+        if None in row:  # more cells than header columns
+            raise DataError("more cells than columns in the header", file=str(path),
+                            line=reader.line_num)
+        yield reader.line_num, row
+
+
+def _hf_disk_rows(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise DataError("reading a dataset folder needs the 'datasets' package "
+                        "(pip install 'cud[datasets]')", file=str(path)) from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises several types for a folder that is not a dataset
+        raise DataError(f"not a dataset saved with save_to_disk ({type(e).__name__})",
+                        file=str(path)) from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds.keys())
+        if split is None:
+            if len(names) != 1:
+                raise DataError(f"the dataset has splits {names}; choose one with --split",
+                                file=str(path))
+            split = names[0]
+        if split not in ds:
+            raise DataError(f"no split '{split}' (have {names})", file=str(path))
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        yield i + 1, row
+
+
+def _rows_to_samples(rows: Iterable[tuple[int, Any]], path: Path) -> Iterator[QASample]:
+    seen: dict[str, int] = {}
+    for index, (line, row) in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"expected an object with 'question' and 'answer', got "
+                            f"{type(row).__name__}", file=str(path), line=line)
+        for name in REQUIRED_FIELDS:
+            value = row.get(name)
+            if value is None:
+                raise DataError("missing", file=str(path), line=line, field=name)
+            if not isinstance(value, str):
+                raise DataError(f"expected text, got {type(value).__name__}", file=str(path),
+                                line=line, field=name)
+            if not value.strip():
+                raise DataError("empty", file=str(path), line=line, field=name)
+        raw_id = row.get("id")
+        if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+            sample_id = f"{path.stem}-{index:05d}"
+        elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+            sample_id = str(raw_id)
+        else:
+            raise DataError(f"expected a string or integer, got {type(raw_id).__name__}",
+                            file=str(path), line=line, field="id")
+        if sample_id in seen:
+            raise DataError(f"duplicate id '{sample_id}' (first at line {seen[sample_id]})",
+                            file=str(path), line=line, field="id")
+        seen[sample_id] = line
+        extra = {k: v for k, v in row.items() if k not in ("id", *REQUIRED_FIELDS)}
+        yield QASample(id=sample_id, question=row["question"], answer=row["answer"],
+                       source=f"{path}:{line}", extra=extra)

@@ -1,0 +1,34 @@
+"""Errors a user can act on. The CLI prints ``str(error)`` on one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class CudError(Exception):
+    """Base class of every error cud raises on purpose (bad input, missing files, ...)."""
+
+
+class DataError(CudError):
+    """A data file or row is invalid. Names the file, the line (or item) and the field."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 field: str | None = None):
+        self.file, self.line, self.field = file, line, field
+        where = []
+        if file is not None:
+            where.append(str(file) + (f":{line}" if line is not None else ""))
+        if field is not None:
+            where.append(f"field '{field}'")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class ModelError(CudError):
+    """A model cannot be found, loaded or understood."""
+
+
+class ConfigError(CudError):
+    """An option or configuration value is invalid."""
+
+
+class StoreError(CudError):
+    """An output folder cannot be used (not a folder, incompatible version, ...)."""

@@ -1,0 +1,62 @@
+"""GPT-NeoX (Pythia): LayerNorm, fused per-head q/k/v, partial rotary, and by default a parallel
+residual (the MLP reads the stream *before* its layer's attention, so it has no edges from it)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+
+from cud.models.adapters.base import AttentionContext, ResidualAdapter
+
+
+class GPTNeoXAdapter(ResidualAdapter):
+    family = "gpt_neox"
+    model_types = ("gpt_neox",)
+
+    def __init__(self, model):
+        super().__init__(model)
+        cfg = model.config
+        self.backbone = model.gpt_neox
+        self.layers = self.backbone.layers
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.d_model = cfg.hidden_size
+        self.head_dim = self.d_model // self.n_heads
+        self.parallel_attn_mlp = bool(cfg.use_parallel_residual)
+
+    def rotary(self, seq_len, device):
+        positions = torch.arange(seq_len, device=device)[None]
+        probe = self.backbone.embed_in.weight[:1, None, :].expand(1, seq_len, -1)
+        return self.backbone.rotary_emb(probe, positions)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.backbone.embed_in(input_ids)
+
+    def attention_heads(self, layer: int, x: Tensor, ctx: AttentionContext) -> Tensor:
+        block = self.layers[layer]
+        attn = block.attention
+        xn = block.input_layernorm(x)
+        h, e, d = self.n_heads, self.head_dim, self.d_model
+        # Output rows of query_key_value are laid out (head, [q|k|v], e).
+        w = attn.query_key_value.weight.view(h, 3, e, d).permute(1, 0, 3, 2)  # (3, H, d, e)
+        bias = attn.query_key_value.bias
+        b = bias.view(h, 3, e).transpose(0, 1) if bias is not None else (None, None, None)
+        q = self._project_heads(xn[:, :, 0], w[0], b[0])
+        k = self._project_heads(xn[:, :, 1], w[1], b[1])
+        v = self._project_heads(xn[:, :, 2], w[2], b[2])
+        cos, sin = ctx.rotary
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        o = self._attend(q, k, v, ctx, scale=e ** -0.5)
+        w_out = attn.dense.weight.view(d, h, e).permute(1, 2, 0)
+        return self._heads_out(o, w_out)
+
+    def attention_bias(self, layer: int):
+        return self.layers[layer].attention.dense.bias
+
+    def mlp(self, layer: int, x: Tensor) -> Tensor:
+        block = self.layers[layer]
+        return block.mlp(block.post_attention_layernorm(x))
+
+    def unembed(self, x: Tensor) -> Tensor:
+        return self.model.embed_out(self.backbone.final_layer_norm(x))

