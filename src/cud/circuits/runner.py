@@ -68,17 +68,15 @@ class ResidualRunner:
         if patch is not None and torch.is_grad_enabled():
             raise RuntimeError("edge patching is for evaluation; run it under torch.no_grad()")
         ctx = a.context(attention_mask)
-        valid = attention_mask[:, :, None].to(a.model.dtype if hasattr(a.model, "dtype") else
-                                               torch.float32)
 
         need_outputs = record or patch is not None
         outputs = None
         if need_outputs:
             dtype = next(a.model.parameters()).dtype
             outputs = torch.zeros(b, t, g.n_forward, d, dtype=dtype, device=input_ids.device)
-        diffs = None
         if patch is not None:
             drop = 1.0 - patch.keep.to(outputs.dtype)  # (B|1, F, Bk)
+            valid = attention_mask[:, :, None].to(outputs.dtype)  # (B, T, 1): padding never patched
 
         def interpolate(z: Tensor, f0: int, f1: int, is_input: bool) -> Tensor:
             if interpolation is None or (interpolation.input_only and not is_input):
@@ -115,8 +113,8 @@ class ResidualRunner:
                 x_att = patched(resid, f0, slice(bq, bq + 3 * h)).view(b, t, 3, h, d)
             elif capture:
                 x_att = resid[:, :, None, None, :].expand(b, t, 3, h, d)
-            else:
-                x_att = resid[:, :, None, None, :]
+            else:  # every head reads the same stream: one copy per q/k/v input suffices
+                x_att = resid[:, :, None, None, :].expand(b, t, 3, 1, d)
             if capture:
                 reader_inputs.append(x_att)
             heads = interpolate(a.attention_heads(layer, x_att, ctx), f0, f0 + h, False)

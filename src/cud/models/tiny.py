@@ -45,7 +45,8 @@ def tiny_config(family: str, vocab_size: int, **overrides):
         return LlamaConfig(**cfg)
     if family == "gpt2":
         cfg = dict(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
-                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                   bos_token_id=1, eos_token_id=2)
         cfg.update(overrides)
         return GPT2Config(**cfg)
     if family == "gpt_neox":

@@ -59,4 +59,4 @@ class GPTNeoXAdapter(ResidualAdapter):
         return block.mlp(block.post_attention_layernorm(x))
 
     def unembed(self, x: Tensor) -> Tensor:
-        return self.model.embed_out(self.backbone.final_layer_norm(x))
+        return self.model.get_output_embeddings()(self.backbone.final_layer_norm(x))
