@@ -1,0 +1,260 @@
+"""Baseline difficulty metrics (METHOD §7): what CUD must beat, each computed *before* unlearning.
+
+Per sample, keyed by id: pre-unlearning answer loss, answer probability, exact memorisation,
+Min-K% probability, gradient norm, MRD, and a seeded random score (the random ranking).
+None of them has a known direction with respect to unlearning difficulty; :data:`BASELINES`
+says what a high value means, and validation reads each against the ground truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cud.data.encoding import Batch, batches, encode_samples
+from cud.data.samples import QASample
+from cud.errors import ConfigError
+from cud.models.loading import LoadedModel
+from cud.unlearning.outcomes import teacher_forced_outcomes
+from cud.unlearning.scoring import answer_logits
+
+Progress = Callable[[int, int], None]
+
+#: baseline metric -> what a high value means
+BASELINES: dict[str, str] = {
+    "loss": "high = answer poorly known before unlearning (mean answer NLL)",
+    "prob": "high = answer well known (normalised answer probability)",
+    "exact_mem": "high = answer memorised token by token (teacher-forced argmax)",
+    "min_k_prob": "high = even the least likely answer tokens are likely (Min-K% Prob, "
+                  "mean log-prob of the k% lowest)",
+    "grad_norm": "high = the loss is steep at this sample (norm of the NLL gradient)",
+    "mrd": "high = the log-likelihood is sensitive to weight noise (MRD, Feng et al. 2025; "
+           "tracks the Hessian trace; capped at 2)",
+    "random": "a seeded uniform random score (the random ranking)",
+}
+
+
+def _encoded(lm: LoadedModel, samples: Sequence[QASample]):
+    return encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
+
+
+@torch.no_grad()
+def min_k_prob(lm: LoadedModel, samples: Sequence[QASample], *, k: float = 0.2,
+               batch_size: int = 16) -> pd.Series:
+    """Min-K% Prob (Shi et al. 2024): mean log-probability of the ceil(k·|y|) least likely answer
+    tokens."""
+    if not 0 < k <= 1:
+        raise ConfigError(f"min-k fraction must be in (0, 1], got {k}")
+    out: dict[str, float] = {}
+    for batch in batches(_encoded(lm, samples), batch_size, lm.pad_token_id):
+        al = answer_logits(lm.model, batch.to(lm.device))
+        logp = al.token_logprobs()
+        for i, sid in enumerate(batch.ids):
+            values = torch.sort(logp[al.rows == i]).values
+            n = max(1, math.ceil(k * len(values)))
+            out[sid] = float(values[:n].mean())
+    return pd.Series([out[s.id] for s in samples], index=pd.Index([s.id for s in samples],
+                                                                  name="id"), name="min_k_prob")
+
+
+def gradient_norms(lm: LoadedModel, samples: Sequence[QASample], *,
+                   progress: Progress | None = None) -> pd.Series:
+    """‖∇_θ NLL(sample)‖₂ over every trainable parameter, one sample at a time (exact per-sample
+    gradients; a batch would sum them)."""
+    model = lm.model
+    was_training = model.training
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    encoded = _encoded(lm, samples)
+    out = []
+    try:
+        for n, e in enumerate(encoded):
+            batch = next(iter(batches([e], 1, lm.pad_token_id))).to(lm.device)
+            model.zero_grad(set_to_none=True)
+            answer_logits(model, batch).nll().sum().backward()
+            sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in params
+                     if p.grad is not None)
+            out.append(math.sqrt(sq))
+            if progress:
+                progress(n + 1, len(encoded))
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return pd.Series(out, index=pd.Index([s.id for s in samples], name="id"), name="grad_norm")
+
+
+def _token_logprobs(model, batch: Batch, tokens: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) log p(x_t | x_<t) and (N,) batch row of each scored token. ``tokens``: ``answer``
+    (answer tokens) or ``all`` (every real token after the first)."""
+    if tokens == "answer":
+        al = answer_logits(model, batch)
+        return al.token_logprobs().double(), al.rows
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                   use_cache=False).logits[:, :-1]
+    keep = batch.attention_mask[:, 1:]
+    logp = logits.float().log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+    return logp[keep].double(), rows
+
+
+def _mrd_key(lm: LoadedModel, samples: Sequence[QASample], sigma: float, k: int, seed: int,
+             tokens: str, batch_size: int) -> str:
+    h = hashlib.sha256(json.dumps([lm.name, sigma, k, seed, tokens, batch_size]).encode())
+    for s in samples:
+        h.update(json.dumps([s.id, s.question, s.answer]).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def mrd(lm: LoadedModel, samples: Sequence[QASample], *, sigma: float = 1e-5, k: int = 100,
+        seed: int = 0, tokens: str = "answer", batch_size: int = 16,
+        checkpoint: str | Path | None = None, progress: Progress | None = None) -> pd.Series:
+    """Memory Removal Difficulty (Feng et al. 2025), per sample:
+
+        MRD = min(|(1/K) Σ_k Σ_t (P_t(θ) - P_t(θ + ε_k)) / P_t(θ)|, 2),  ε_k ~ N(0, σ²I),
+
+    P_t the log-probability of token t (``tokens``: the answer's, default, or all real tokens).
+    Batched over perturbations: each perturbed model θ + ε_k is made once, in place, and scores
+    every sample in batches, so the cost is K forward passes over the set plus drawing the noise
+    (not one model copy per sample). The noise of draw k is seeded by (seed, k), so a run resumed
+    from ``checkpoint`` (a ``.npz`` written after every draw) equals an uninterrupted one.
+    The weights are restored exactly afterwards. Needs float32 weights: in bf16/fp16 a perturbation
+    of σ = 1e-5 is below the weights' resolution.
+    """
+    if k < 1:
+        raise ConfigError(f"MRD needs K >= 1 draws, got {k}")
+    if sigma < 0:
+        raise ConfigError(f"MRD needs sigma >= 0, got {sigma}")
+    if tokens not in ("answer", "all"):
+        raise ConfigError(f"MRD tokens must be 'answer' or 'all', got '{tokens}'")
+    if lm.dtype in (torch.bfloat16, torch.float16) and 0 < sigma < 1e-2:
+        raise ConfigError(f"MRD with sigma={sigma} needs float32 weights (the model is "
+                          f"{str(lm.dtype).replace('torch.', '')}); load it with dtype float32")
+    model = lm.model
+    was_training = model.training
+    model.eval()
+    batch_list = [b.to(lm.device) for b in batches(_encoded(lm, samples), batch_size,
+                                                   lm.pad_token_id)]
+    clean = [_token_logprobs(model, b, tokens) for b in batch_list]
+    acc = [torch.zeros(len(b), dtype=torch.float64, device=lm.device) for b in batch_list]
+    start = 0
+    key = _mrd_key(lm, samples, sigma, k, seed, tokens, batch_size)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.is_file():
+        saved = np.load(ckpt)
+        if str(saved["key"]) == key:
+            start = int(saved["done"])
+            acc = [torch.from_numpy(saved[f"acc{i}"]).to(lm.device) for i in range(len(acc))]
+    params = [p for p in model.parameters()]
+    originals = [p.detach().clone() for p in params] if start < k and sigma > 0 else []
+    try:
+        for draw in range(start, k):
+            if sigma > 0:
+                gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + draw)
+                for p, p0 in zip(params, originals):
+                    noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+                    p.copy_(p0 + sigma * noise.to(p.device, p.dtype))
+            for b, (p_clean, rows), a in zip(batch_list, clean, acc):
+                p_pert, _ = _token_logprobs(model, b, tokens)
+                rel = (p_clean - p_pert) / p_clean
+                a.index_add_(0, rows, rel)
+            if ckpt is not None:
+                _save_checkpoint(ckpt, key, draw + 1, acc)
+            if progress:
+                progress(draw + 1, k)
+    finally:
+        for p, p0 in zip(params, originals):
+            p.copy_(p0)
+        model.train(was_training)
+    values: dict[str, float] = {}
+    for b, a in zip(batch_list, acc):
+        for sid, v in zip(b.ids, (a / k).abs().clamp(max=2.0).tolist()):
+            values[sid] = v
+    return pd.Series([values[s.id] for s in samples],
+                     index=pd.Index([s.id for s in samples], name="id"), name="mrd")
+
+
+def _save_checkpoint(path: Path, key: str, done: int, acc: list[torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, key=key, done=done, **{f"acc{i}": a.cpu().numpy() for i, a in enumerate(acc)})
+    os.replace(tmp, path)
+
+
+def random_scores(samples: Sequence[QASample], seed: int = 0) -> pd.Series:
+    rng = np.random.default_rng(seed)
+    return pd.Series(rng.random(len(samples)), index=pd.Index([s.id for s in samples], name="id"),
+                     name="random")
+
+
+def baseline_metrics(lm: LoadedModel, samples: Sequence[QASample], *,
+                     metrics: Sequence[str] = tuple(BASELINES), min_k: float = 0.2,
+                     mrd_sigma: float = 1e-5, mrd_k: int = 100, mrd_tokens: str = "answer",
+                     seed: int = 0, batch_size: int = 16, work_dir: str | Path | None = None,
+                     progress: Callable[[str, int, int], None] | None = None) -> pd.DataFrame:
+    """Every baseline difficulty metric of ``samples`` under ``lm`` (before unlearning), one
+    column each (see :data:`BASELINES`), index ``id``.
+
+    With ``work_dir``, each finished metric is kept there (keyed by a hash of the model name,
+    samples and its settings) and MRD checkpoints after every draw, so a killed run resumes.
+    """
+    unknown = [m for m in metrics if m not in BASELINES]
+    if unknown:
+        raise ConfigError(f"unknown baseline metric(s) {', '.join(unknown)} "
+                          f"(choose from {', '.join(BASELINES)})")
+    work = Path(work_dir) if work_dir is not None else None
+    ids = pd.Index([s.id for s in samples], name="id")
+    table = pd.DataFrame(index=ids)
+
+    def report(name: str) -> Progress | None:
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    def cached(name: str, settings: list, compute: Callable[[], pd.Series | pd.DataFrame]):
+        if work is None:
+            return compute()
+        h = hashlib.sha256(json.dumps([lm.name, name, settings]).encode())
+        for s in samples:
+            h.update(json.dumps([s.id, s.question, s.answer]).encode())
+        path = work / f"baseline.{name}.{h.hexdigest()[:16]}.parquet"
+        if path.is_file():
+            return pd.read_parquet(path)
+        value = compute()
+        frame = value.to_frame() if isinstance(value, pd.Series) else value
+        work.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(path)
+        return frame
+
+    tf_wanted = [m for m in ("loss", "prob", "exact_mem") if m in metrics]
+    if tf_wanted:
+        tf = cached("teacher_forced", [batch_size], lambda: teacher_forced_outcomes(
+            lm, samples, batch_size=batch_size, progress=report("loss")))
+        tf = tf.rename(columns={"nll": "loss"})
+        for m in tf_wanted:
+            table[m] = tf[m].reindex(ids)
+    if "min_k_prob" in metrics:
+        table["min_k_prob"] = _col(cached("min_k_prob", [min_k], lambda: min_k_prob(
+            lm, samples, k=min_k, batch_size=batch_size)), ids)
+    if "grad_norm" in metrics:
+        table["grad_norm"] = _col(cached("grad_norm", [], lambda: gradient_norms(
+            lm, samples, progress=report("grad_norm"))), ids)
+    if "mrd" in metrics:
+        ckpt = work / "mrd.checkpoint.npz" if work is not None else None
+        table["mrd"] = _col(cached("mrd", [mrd_sigma, mrd_k, mrd_tokens, seed], lambda: mrd(
+            lm, samples, sigma=mrd_sigma, k=mrd_k, seed=seed, tokens=mrd_tokens,
+            batch_size=batch_size, checkpoint=ckpt, progress=report("mrd"))), ids)
+    if "random" in metrics:
+        table["random"] = random_scores(samples, seed)
+    return table
+
+
+def _col(value: pd.Series | pd.DataFrame, ids: pd.Index) -> pd.Series:
+    series = value.iloc[:, 0] if isinstance(value, pd.DataFrame) else value
+    return series.reindex(ids)

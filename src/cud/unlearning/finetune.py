@@ -1,0 +1,213 @@
+"""Fine-tuning: teach a model a QA set until it knows it, as TOFU's starting model was made.
+
+The answer tokens are the only targets (the prompt is masked). Full fine-tuning or LoRA (through
+``peft``; the adapters are merged before saving, so the result is a plain Hugging Face folder).
+The folder is cached under a hash of (model, data, settings): asking again with the same three
+loads it instead of training; any change trains anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+import torch
+
+from cud.data.encoding import EncodedSample, encode_samples
+from cud.data.samples import QASample
+from cud.errors import ConfigError, ModelError, StoreError
+from cud.models.loading import BUNDLED, LoadedModel, load_model, prepare
+from cud.unlearning.loop import TrainConfig, TrainLog, train
+from cud.unlearning.outcomes import teacher_forced_outcomes
+from cud.unlearning.scoring import answer_nll
+
+#: bump when the meaning of a cached folder changes
+CACHE_VERSION = 1
+META_FILE = "cud_finetune.json"
+
+
+def default_cache_dir() -> Path:
+    """``$CUD_CACHE/finetuned`` or ``~/.cache/cud/finetuned``."""
+    root = os.environ.get("CUD_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "cud") / "finetuned"
+
+
+def default_train_config() -> TrainConfig:
+    """Settings that teach SmolLM2-135M the default built-in set (100 facts) to >= 90% exact
+    memorisation in a few minutes on 2 CPU cores (measured; see the project's notes)."""
+    return TrainConfig(lr=3e-4, epochs=6, batch_size=10, grad_accum=1, warmup=0.1,
+                       schedule="linear", weight_decay=0.0, max_grad_norm=1.0, seed=0)
+
+
+@dataclass
+class FinetuneConfig:
+    """What to train: LoRA or full fine-tuning, and the optimisation settings."""
+
+    train: TrainConfig = field(default_factory=default_train_config)
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_target: str = "all-linear"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if not self.lora:  # LoRA's own settings do not change a full fine-tune
+            for k in ("lora_r", "lora_alpha", "lora_target"):
+                d.pop(k)
+        d["train"].pop("eval_every", None)  # evaluation does not change the weights
+        return d
+
+
+@dataclass
+class FinetuneResult:
+    path: Path                 # the Hugging Face folder of the fine-tuned model
+    reused: bool               # True when an earlier identical run's folder was loaded
+    report: dict               # memorisation before/after, time, settings
+    memorisation: pd.DataFrame  # per-sample teacher-forced outcomes after fine-tuning
+    model: LoadedModel | None = None
+
+
+def model_identity(spec: str) -> str:
+    """A string that changes when the model a spec points to changes."""
+    if spec in BUNDLED:
+        from cud.models.loading import bundled_path
+        try:
+            p = bundled_path(spec)
+            return f"bundled:{spec}:{p.stat().st_size}"
+        except ModelError:
+            return f"bundled:{spec}"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted((f.name, f.stat().st_size) for f in path.iterdir() if f.is_file()
+                       and f.suffix in (".json", ".safetensors", ".bin", ".gguf"))
+        return f"folder:{path.resolve()}:{files}"
+    if path.is_file():
+        return f"file:{path.resolve()}:{path.stat().st_size}"
+    return f"name:{spec}"
+
+
+def cache_key(model: str, samples: Sequence[QASample], config: FinetuneConfig) -> str:
+    """sha256 over the model's identity, every sample's (id, question, answer) and the settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": CACHE_VERSION, "model": model_identity(model),
+                         "config": config.to_dict()}, sort_keys=True).encode())
+    for s in samples:
+        h.update(json.dumps([s.id, s.question, s.answer]).encode())
+    return h.hexdigest()
+
+
+def memorisation_summary(df: pd.DataFrame) -> dict:
+    return {"exact_mem": float(df["exact_mem"].mean()),
+            "fully_memorised": float((df["exact_mem"] >= 1.0).mean()),
+            "prob": float(df["prob"].mean()), "nll": float(df["nll"].mean())}
+
+
+def save_hf_folder(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
+    """``save_pretrained`` of model and tokenizer. A model loaded from GGUF holds de-quantized
+    full-precision weights but still carries the GGUF quantizer, which refuses to save: drop it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if hasattr(model, "is_quantized"):
+            try:
+                model.is_quantized = False
+            except AttributeError:  # a read-only property in some versions
+                pass
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _nll_objective(model, batch, _retain):
+    return answer_nll(model, batch).mean(), {}
+
+
+def teach(model: torch.nn.Module, encoded: Sequence[EncodedSample], config: TrainConfig, *,
+          pad_token_id: int, progress: Callable[[int, int, dict], None] | None = None
+          ) -> TrainLog:
+    """Minimise the answer NLL of ``encoded`` in place (no cache, no saving): the training part
+    of :func:`finetune`, for models already in memory (e.g. tiny test models)."""
+    return train(model, _nll_objective, encoded, None, config, pad_token_id=pad_token_id,
+                 parameters=[p for p in model.parameters() if p.requires_grad],
+                 progress=progress)
+
+
+def finetune(model: str, samples: Sequence[QASample], *, config: FinetuneConfig | None = None,
+             cache_dir: str | Path | None = None, device: str | None = None,
+             dtype: str | torch.dtype | None = None, force: bool = False,
+             keep_model: bool = True,
+             progress: Callable[[int, int, dict], None] | None = None) -> FinetuneResult:
+    """Fine-tune ``model`` (a spec :func:`cud.models.load_model` accepts) on ``samples``.
+
+    Returns the cached folder when this (model, data, settings) was trained before, unless
+    ``force``. The folder holds the model, its tokenizer, ``cud_finetune.json`` (settings and
+    memorisation report) and ``memorisation.parquet`` / ``.csv`` (per sample).
+    ``progress(step, total, logs)`` is called after each optimizer step.
+    """
+    config = config or FinetuneConfig()
+    if not samples:
+        raise ConfigError("fine-tuning needs at least one sample")
+    key = cache_key(model, samples, config)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = folder / key[:16]
+    meta_path = path / META_FILE
+    if meta_path.is_file() and not force:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("key") == key:
+            table = pd.read_parquet(path / "memorisation.parquet")
+            lm = load_model(str(path), device=device, dtype=dtype) if keep_model else None
+            return FinetuneResult(path, True, meta["report"], table, lm)
+
+    lm = load_model(model, device=device, dtype=dtype)
+    before = memorisation_summary(teacher_forced_outcomes(lm, samples))
+    encoded = encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
+    net = lm.model
+    if config.lora:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:  # pragma: no cover - peft is a dependency
+            raise ConfigError("LoRA fine-tuning needs the 'peft' package") from None
+        target = config.lora_target if config.lora_target == "all-linear" \
+            else [t.strip() for t in config.lora_target.split(",")]
+        net = get_peft_model(net, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                             lora_dropout=0.0, target_modules=target,
+                                             task_type="CAUSAL_LM"))
+
+    log = teach(net, encoded, config.train, pad_token_id=lm.pad_token_id, progress=progress)
+    if config.lora:
+        net = net.merge_and_unload()
+    lm = prepare(net, lm.tokenizer, name=str(path))
+    table = teacher_forced_outcomes(lm, samples)
+    report = {"model": model, "samples": len(samples), "config": config.to_dict(),
+              "train_seconds": round(log.seconds, 2), "steps": log.total_steps,
+              "final_loss": log.steps[-1]["loss"] if log.steps else None,
+              "before": before, "after": memorisation_summary(table)}
+
+    tmp = folder / f".{key[:16]}.tmp-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_hf_folder(net, lm.tokenizer, tmp)
+        table.to_parquet(tmp / "memorisation.parquet")
+        table.to_csv(tmp / "memorisation.csv")
+        (tmp / META_FILE).write_text(json.dumps({"key": key, "report": report}, indent=1) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreError(f"cannot write the fine-tuned model to {path}: {e}") from None
+    return FinetuneResult(path, False, report, table, lm if keep_model else None)

@@ -1,0 +1,114 @@
+"""RMU (representation misdirection): scramble the forget set's hidden states at one layer by
+steering them to a fixed random direction, keep the retain set's where the frozen model has them,
+and let only a few MLPs up to that layer move."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cud.data.encoding import Batch
+from cud.unlearning.methods.base import UnlearningMethod
+from cud.unlearning.scoring import prediction_mask
+
+#: the MLP block of decoder layer N in every supported family (llama ``model.layers.N.mlp``,
+#: gpt2 ``transformer.h.N.mlp``, gpt_neox ``gpt_neox.layers.N.mlp``)
+_MLP_NAME = re.compile(r"(?:^|\.)(\d+)\.mlp$")
+
+
+def rmu_loss(h_forget: Tensor, h_retain: Tensor | None, h_retain_frozen: Tensor | None,
+             control: Tensor, alpha: float) -> Tensor:
+    """MSE(h_f, c·u) + α·MSE(h_r, h_r^frozen). ``h_*`` (N, d) hidden states at the chosen
+    positions; ``control`` (d,) is c·u."""
+    loss = F.mse_loss(h_forget, control.expand_as(h_forget))
+    if h_retain is not None and alpha:
+        loss = loss + alpha * F.mse_loss(h_retain, h_retain_frozen)
+    return loss
+
+
+def mlp_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Decoder layer index -> its MLP module."""
+    found = {}
+    for name, module in model.named_modules():
+        m = _MLP_NAME.search(name)
+        if m:
+            found.setdefault(int(m.group(1)), module)
+    return found
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer"))
+
+
+@dataclass
+class RMU(UnlearningMethod):
+    """Representation misdirection for unlearning (Li et al. 2024, WMDP).
+
+    ``layer``: the decoder layer whose output is steered (0-based). ``None`` picks the same
+    relative depth as the reference setup (layer 10 of Llama-3.2-1B's 16): round(L·10/16).
+    ``update_layers``: how many layers' MLPs up to and including ``layer`` move (3, as in RMU).
+    ``coefficient``: the steering coefficient c. Hidden states are read at the positions that
+    predict answer tokens (ours: the positions the answer's likelihood depends on).
+    """
+
+    name = "rmu"
+    needs_reference = True
+    uses_retain = True
+    layer: int | None = None
+    coefficient: float = 100.0
+    alpha: float = 1.0
+    update_layers: int = 3
+    seed: int = 0
+
+    def hyperparameters(self) -> dict:
+        return {"layer": self.layer, "coefficient": self.coefficient, "alpha": self.alpha,
+                "update_layers": self.update_layers, "seed": self.seed}
+
+    def resolved_layer(self, model) -> int:
+        n = num_layers(model)
+        layer = round(n * 10 / 16) if self.layer is None else self.layer
+        if not 0 <= layer < n:
+            raise ValueError(f"RMU layer {layer} out of range for a model of {n} layers")
+        return layer
+
+    def setup(self, model, reference):
+        super().setup(model, reference)
+        self._layer = self.resolved_layer(model)
+        d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+        gen = torch.Generator().manual_seed(self.seed)
+        u = torch.rand(d, generator=gen)  # as the reference code: uniform [0, 1), normalised
+        p = next(model.parameters())
+        self._control = (self.coefficient * u / u.norm()).to(p.device, torch.float32)
+
+    def trainable_parameters(self, model):
+        layer = self.resolved_layer(model)
+        mlps = mlp_modules(model)
+        chosen = [i for i in range(layer - self.update_layers + 1, layer + 1) if i in mlps]
+        if not chosen:
+            raise ValueError("RMU found no MLP modules to update in this model")
+        return [p for i in chosen for p in mlps[i].parameters()]
+
+    def _hidden(self, model, batch: Batch) -> Tensor:
+        """(N, d) output of decoder layer ``layer`` at the answer-predicting positions."""
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
+                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        # hidden_states[0] is the embedding output, hidden_states[l + 1] the output of layer l
+        return out.hidden_states[self._layer + 1][prediction_mask(batch)].float()
+
+    def loss(self, model, forget, retain):
+        h_f = self._hidden(model, forget)
+        h_r = h_r0 = None
+        if retain is not None and self.alpha:
+            h_r = self._hidden(model, retain)
+            with torch.no_grad():
+                h_r0 = self._hidden(self.reference, retain)
+        loss = rmu_loss(h_f, h_r, h_r0, self._control, self.alpha)
+        logs = {"steer_mse": float(F.mse_loss(h_f, self._control.expand_as(h_f)).detach())}
+        if h_r is not None:
+            logs["retain_mse"] = float(F.mse_loss(h_r, h_r0).detach())
+        return loss, logs

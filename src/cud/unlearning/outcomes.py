@@ -1,0 +1,355 @@
+"""Per-sample outcome metrics (METHOD §6): how well a model knows each QA sample's answer.
+
+Every metric is returned per sample, keyed by sample id, and has a named direction in
+:data:`METRICS` (which way means "more forgotten"). Tables are pandas DataFrames indexed by ``id``
+and are written as Parquet and CSV by :func:`save_table`.
+
+Teacher-forced metrics (NLL, probability, exact memorisation, extraction strength) come from one
+forward pass per batch. ROUGE-L needs greedy generation; the truth ratio one forward pass per
+(paraphrased or perturbed) answer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cud.data.encoding import batches, encode_samples
+from cud.data.samples import QASample
+from cud.models.loading import LoadedModel
+from cud.unlearning.scoring import answer_logits
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """``forgotten``: "higher" when a higher value means more forgotten, else "lower"."""
+
+    forgotten: str
+    description: str
+
+    @property
+    def direction(self) -> str:
+        return f"{self.forgotten} = more forgotten"
+
+    @property
+    def sign(self) -> int:
+        """+1 when higher = more forgotten; multiply by it to get a 'forgetting' score."""
+        return 1 if self.forgotten == "higher" else -1
+
+
+#: outcome metric -> its direction and meaning
+METRICS: dict[str, MetricInfo] = {
+    "nll": MetricInfo("higher", "mean answer NLL per token (teacher-forced)"),
+    "prob": MetricInfo("lower", "normalised answer probability p(y|x)^(1/|y|) = exp(-nll)"),
+    "exact_mem": MetricInfo("lower", "fraction of answer tokens that are the teacher-forced "
+                                     "argmax"),
+    "extraction_strength": MetricInfo("lower", "1 - k/|y|, k the shortest answer prefix from "
+                                               "which greedy decoding gives the rest"),
+    "rougeL_recall": MetricInfo("lower", "ROUGE-L recall of the greedy answer against the "
+                                         "true answer"),
+    "truth_ratio": MetricInfo("higher", "geometric-mean normalised probability of perturbed "
+                                        "answers over that of the paraphrased answer (TOFU)"),
+}
+TEACHER_FORCED = ("nll", "prob", "exact_mem", "extraction_strength")
+ALL_METRICS = tuple(METRICS)
+
+
+def _max_length(lm: LoadedModel) -> int | None:
+    return getattr(lm.adapter, "max_positions", None)
+
+
+# --- teacher-forced metrics ---------------------------------------------------------------------
+
+@torch.no_grad()
+def teacher_forced_outcomes(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: int = 16,
+                            progress: Progress | None = None) -> pd.DataFrame:
+    """nll, prob, exact_mem, extraction_strength and n_answer_tokens per sample (index ``id``).
+
+    Extraction strength uses that greedy decoding from a prefix reproduces the rest of the answer
+    exactly when every later answer token is the teacher-forced argmax: k is one past the last
+    answer token that is not the argmax (0 when all are), so one forward pass suffices.
+    """
+    model = lm.model
+    encoded = encode_samples(lm.tokenizer, samples, max_length=_max_length(lm))
+    rows: dict[str, dict] = {}
+    done = 0
+    for batch in batches(encoded, batch_size, lm.pad_token_id):
+        out = answer_logits(model, batch.to(lm.device))
+        nll = -out.per_sample_mean(out.token_logprobs())
+        correct = out.correct()
+        exact = out.per_sample_mean(correct.float())
+        for i, sid in enumerate(batch.ids):
+            c = correct[out.rows == i].cpu().numpy()
+            wrong = np.flatnonzero(~c)
+            k = int(wrong[-1]) + 1 if len(wrong) else 0
+            rows[sid] = {"nll": float(nll[i]), "prob": math.exp(-float(nll[i])),
+                         "exact_mem": float(exact[i]),
+                         "extraction_strength": 1.0 - k / len(c),
+                         "n_answer_tokens": len(c)}
+        done += len(batch)
+        if progress:
+            progress(done, len(encoded))
+    return _frame(rows, [s.id for s in samples])
+
+
+def _frame(rows: dict[str, dict], order: Iterable[str]) -> pd.DataFrame:
+    df = pd.DataFrame.from_dict(rows, orient="index").loc[list(order)]
+    df.index.name = "id"
+    return df
+
+
+# --- greedy answers and ROUGE-L -----------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_answers(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: int = 16,
+                   max_new_tokens: int | None = None, progress: Progress | None = None
+                   ) -> dict[str, str]:
+    """Greedy answer text per sample id (prompt left-padded; stops at the end-of-sequence token).
+
+    ``max_new_tokens`` defaults to twice the longest true answer in the batch plus 8 tokens.
+    """
+    model, tok = lm.model, lm.tokenizer
+    encoded = encode_samples(tok, samples, max_length=_max_length(lm))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    pad = lm.pad_token_id
+    eos = [t for t in {getattr(tok, "eos_token_id", None),
+                       getattr(getattr(model, "generation_config", None), "eos_token_id", None)}
+           if t is not None]
+    eos_ids = sorted({x for t in eos for x in (t if isinstance(t, list) else [t])})
+    answers: dict[str, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = [encoded[i] for i in order[start:start + batch_size]]
+        prompts = [e.input_ids[:e.answer_mask.index(True)] for e in chunk]
+        n_answer = max(sum(e.answer_mask) for e in chunk)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: generation continues at the right edge
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        new = max_new_tokens or 2 * n_answer + 8
+        out = model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                             max_new_tokens=new, do_sample=False, num_beams=1,
+                             pad_token_id=pad, eos_token_id=eos_ids or None,
+                             temperature=None, top_p=None, top_k=None)
+        for e, row in zip(chunk, out[:, width:].tolist()):
+            answers[e.id] = tok.decode(row, skip_special_tokens=True).strip()
+        if progress:
+            progress(min(start + batch_size, len(order)), len(order))
+    return {s.id: answers[s.id] for s in samples}
+
+
+_SCORER = None
+
+
+def rouge_l_recall(prediction: str, reference: str) -> float:
+    """ROUGE-L recall of ``prediction`` against ``reference`` (``rouge-score``, with stemming)."""
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return float(_SCORER.score(reference, prediction)["rougeL"].recall)
+
+
+# --- truth ratio and forget quality -------------------------------------------------------------
+
+def add_perturbed_answers(samples: Sequence[QASample], n: int = 3, *, seed: int = 0,
+                          group: Callable[[QASample], str] | None = None) -> list[QASample]:
+    """Give samples without TOFU's ``perturbed_answer`` field ``n`` wrong answers of the same kind.
+
+    Wrong answers are other samples' answers from the same group (default: the part of the id
+    after the last '.', i.e. the attribute of a built-in fact, so a birth year gets other birth
+    years), topped up from any other answers when a group is too small. ``paraphrased_answer``
+    defaults to the answer itself. Samples that already have perturbed answers are kept as they are.
+    """
+    rng = random.Random(seed)
+    key = group or (lambda s: s.id.rsplit(".", 1)[-1] if "." in s.id else "")
+    by_group: dict[str, list[str]] = {}
+    for s in samples:
+        by_group.setdefault(key(s), []).append(s.answer)
+    everything = sorted({s.answer for s in samples})
+    out = []
+    for s in samples:
+        if s.extra.get("perturbed_answer"):
+            out.append(s)
+            continue
+        pool = sorted({a for a in by_group[key(s)] if a != s.answer})
+        rng.shuffle(pool)
+        if len(pool) < n:
+            rest = [a for a in everything if a != s.answer and a not in pool]
+            rng.shuffle(rest)
+            pool += rest[:n - len(pool)]
+        extra = dict(s.extra, perturbed_answer=pool[:n])
+        extra.setdefault("paraphrased_answer", s.answer)
+        out.append(replace(s, extra=extra))
+    return out
+
+
+def has_perturbations(sample: QASample) -> bool:
+    pert = sample.extra.get("perturbed_answer")
+    return bool(pert) and (isinstance(pert, str) or all(isinstance(p, str) for p in pert))
+
+
+@torch.no_grad()
+def truth_ratios(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: int = 16,
+                 progress: Progress | None = None) -> pd.Series:
+    """TOFU's truth ratio per sample: exp(NLL_paraphrased - mean_k NLL_perturbed_k), i.e. the
+    geometric mean of the perturbed answers' normalised probabilities over the paraphrased
+    answer's. Near 0: the model prefers the true answer; near 1 or above: it cannot tell.
+
+    Reads ``extra["perturbed_answer"]`` (a string or list) and ``extra["paraphrased_answer"]``
+    (default: the answer). NaN for samples without perturbed answers.
+    """
+    variants: list[QASample] = []
+    owners: list[tuple[str, str]] = []  # (sample id, "para" | "pert")
+    for s in samples:
+        if not has_perturbations(s):
+            continue
+        pert = s.extra["perturbed_answer"]
+        pert = [pert] if isinstance(pert, str) else list(pert)
+        para = s.extra.get("paraphrased_answer") or s.answer
+        for j, answer in enumerate([para] + pert):
+            variants.append(QASample(id=f"{s.id}\x00{j}", question=s.question, answer=answer,
+                                     source=s.source))
+            owners.append((s.id, "para" if j == 0 else "pert"))
+    result = pd.Series(np.nan, index=pd.Index([s.id for s in samples], name="id"),
+                       name="truth_ratio")
+    if not variants:
+        return result
+    nll = teacher_forced_outcomes(lm, variants, batch_size=batch_size, progress=progress)["nll"]
+    para_nll: dict[str, float] = {}
+    pert_nll: dict[str, list[float]] = {}
+    for (sid, kind), value in zip(owners, nll.to_numpy()):
+        if kind == "para":
+            para_nll[sid] = float(value)
+        else:
+            pert_nll.setdefault(sid, []).append(float(value))
+    for sid, p in para_nll.items():
+        result[sid] = math.exp(p - float(np.mean(pert_nll[sid])))
+    return result
+
+
+def forget_quality(truth_ratio_unlearned: Sequence[float], truth_ratio_reference: Sequence[float]
+                   ) -> float:
+    """TOFU's forget quality: the KS-test p-value between the truth ratios of the unlearned model
+    and of a reference model never trained on the forget set (aggregate, not per sample).
+    High (near 1) = indistinguishable from never having learnt it."""
+    from scipy.stats import ks_2samp
+    a = np.asarray(truth_ratio_unlearned, dtype=float)
+    b = np.asarray(truth_ratio_reference, dtype=float)
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("forget quality needs truth ratios of both models")
+    return float(ks_2samp(a, b).pvalue)
+
+
+# --- everything at once -------------------------------------------------------------------------
+
+def evaluate_outcomes(lm: LoadedModel, samples: Sequence[QASample], *,
+                      metrics: Sequence[str] = ALL_METRICS, batch_size: int = 16,
+                      max_new_tokens: int | None = None, progress: Progress | None = None
+                      ) -> pd.DataFrame:
+    """Per-sample outcome table of ``lm`` on ``samples``: one row per sample id (index ``id``),
+    one column per metric in ``metrics`` (see :data:`METRICS` for directions), plus
+    ``n_answer_tokens`` and, with ROUGE-L, the ``greedy_answer`` text.
+
+    ``truth_ratio`` is NaN for samples without perturbed answers (see
+    :func:`add_perturbed_answers`).
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        from cud.errors import ConfigError
+        raise ConfigError(f"unknown outcome metric(s) {', '.join(unknown)} "
+                          f"(choose from {', '.join(METRICS)})")
+    model = lm.model
+    was_training = model.training
+    model.eval()
+    try:
+        df = teacher_forced_outcomes(lm, samples, batch_size=batch_size, progress=progress)
+        df = df[[m for m in TEACHER_FORCED if m in metrics] + ["n_answer_tokens"]]
+        if "rougeL_recall" in metrics:
+            greedy = greedy_answers(lm, samples, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens)
+            df["rougeL_recall"] = [rouge_l_recall(greedy[s.id], s.answer) for s in samples]
+            df["greedy_answer"] = [greedy[s.id] for s in samples]
+        if "truth_ratio" in metrics:
+            df["truth_ratio"] = truth_ratios(lm, samples, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    return df
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c in METRICS]
+
+
+def outcome_deltas(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
+    """Per sample and metric: ``{m}_before``, ``{m}_after`` and ``{m}_delta`` = after - before
+    (a delta has its metric's direction: for ``nll`` a positive delta means more forgotten)."""
+    common = [m for m in metric_columns(before) if m in after.columns]
+    ids = [i for i in before.index if i in after.index]
+    out = pd.DataFrame(index=pd.Index(ids, name="id"))
+    for m in common:
+        b, a = before.loc[ids, m].astype(float), after.loc[ids, m].astype(float)
+        out[f"{m}_before"], out[f"{m}_after"], out[f"{m}_delta"] = b, a, a - b
+    return out
+
+
+def forgetting_scores(deltas: pd.DataFrame) -> pd.DataFrame:
+    """Per-sample deltas signed so that higher = more forgotten for every metric (for ranking)."""
+    out = pd.DataFrame(index=deltas.index)
+    for m, info in METRICS.items():
+        if f"{m}_delta" in deltas:
+            out[m] = info.sign * deltas[f"{m}_delta"]
+    return out
+
+
+def model_utility(lm: LoadedModel, sets: dict[str, Sequence[QASample]], *, batch_size: int = 16
+                  ) -> dict[str, float]:
+    """TOFU-style model utility: for each named set (e.g. ``retain``, ``general``) the mean answer
+    probability, ROUGE-L recall and, where perturbed answers exist, max(0, 1 - truth ratio); the
+    utility is the harmonic mean of all of them. Higher = more useful (an aggregate)."""
+    parts: dict[str, float] = {}
+    for name, samples in sets.items():
+        if not samples:
+            continue
+        df = evaluate_outcomes(lm, samples, metrics=("prob", "rougeL_recall", "truth_ratio"),
+                               batch_size=batch_size)
+        parts[f"{name}_prob"] = float(df["prob"].mean())
+        parts[f"{name}_rougeL_recall"] = float(df["rougeL_recall"].mean())
+        tr = df["truth_ratio"].dropna()
+        if len(tr):
+            parts[f"{name}_truth"] = float(np.clip(1 - tr, 0, None).mean())
+    values = list(parts.values())
+    parts["model_utility"] = 0.0 if any(v <= 0 for v in values) else \
+        len(values) / sum(1 / v for v in values)
+    return parts
+
+
+def save_table(df: pd.DataFrame, path: str | Path) -> tuple[Path, Path]:
+    """Write ``df`` as ``<path>.parquet`` and ``<path>.csv`` (index ``id`` as a column), plus
+    ``<path>.metrics.json`` naming each metric column's direction. Returns the two table paths."""
+    path = Path(path)
+    if path.suffix in (".parquet", ".csv"):
+        path = path.with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parquet, csv = path.with_suffix(".parquet"), path.with_suffix(".csv")
+    df.to_parquet(parquet)
+    df.to_csv(csv)
+    directions = {}
+    for col in df.columns:
+        base = col.rsplit("_", 1)[0] if col.endswith(("_before", "_after", "_delta")) else col
+        if base in METRICS:
+            directions[col] = METRICS[base].direction
+    path.with_suffix(".metrics.json").write_text(json.dumps(directions, indent=1) + "\n")
+    return parquet, csv

@@ -1,0 +1,58 @@
+"""Named hyperparameter presets of the unlearning methods.
+
+``paper``: the reference setup of METHOD §5 (TOFU forget10, Llama-3.2-1B-Instruct, effective batch
+32 = 8 x 4 accumulation, weight decay 0.01, one warm-up epoch, linear decay).
+``quick``: the project's default for a small model on the built-in data (SmolLM2-135M on CPU):
+a few optimizer steps at a learning rate large enough to move a 135M model in a couple of
+minutes, tuned so that a run forgets some samples and not others (the spread CUD needs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from cud.errors import ConfigError
+from cud.unlearning.loop import TrainConfig
+
+_PAPER_BATCH = dict(batch_size=8, grad_accum=4, weight_decay=0.01, schedule="linear")
+
+#: preset -> method -> (method hyperparameters, training settings)
+PRESETS: dict[str, dict[str, tuple[dict, TrainConfig]]] = {
+    "paper": {
+        "ga": ({}, TrainConfig(lr=1e-5, epochs=10, warmup=0.1, **_PAPER_BATCH)),
+        "graddiff": ({"alpha": 5.0}, TrainConfig(lr=1e-5, epochs=10, warmup=0.1, **_PAPER_BATCH)),
+        "npo": ({"beta": 0.5, "alpha": 1.0},
+                TrainConfig(lr=1e-5, epochs=10, warmup=0.1, **_PAPER_BATCH)),
+        "simnpo": ({"beta": 3.5, "alpha": 1.0, "gamma": 0.25},
+                   TrainConfig(lr=5e-5, epochs=5, warmup=0.2, **_PAPER_BATCH)),
+        "rmu": ({"layer": 10, "coefficient": 100.0, "alpha": 1.0},
+                TrainConfig(lr=2e-5, epochs=5, warmup=0.2, **_PAPER_BATCH)),
+        "undial": ({"beta": 10.0, "alpha": 2.0},
+                   TrainConfig(lr=1e-4, epochs=10, warmup=0.1, **_PAPER_BATCH)),
+    },
+}
+
+_QUICK_BATCH = dict(batch_size=8, grad_accum=1, weight_decay=0.01, schedule="constant", warmup=2,
+                    epochs=1)
+PRESETS["quick"] = {
+    "ga": ({}, TrainConfig(lr=2e-5, **_QUICK_BATCH)),
+    "graddiff": ({"alpha": 1.0}, TrainConfig(lr=3e-5, **_QUICK_BATCH)),
+    "npo": ({"beta": 0.5, "alpha": 1.0}, TrainConfig(lr=5e-5, **_QUICK_BATCH)),
+    "simnpo": ({"beta": 3.5, "alpha": 1.0, "gamma": 0.25}, TrainConfig(lr=5e-5, **_QUICK_BATCH)),
+    "rmu": ({"layer": None, "coefficient": 20.0, "alpha": 1.0},
+            TrainConfig(lr=1e-4, **_QUICK_BATCH)),
+    "undial": ({"beta": 10.0, "alpha": 2.0}, TrainConfig(lr=1e-4, **_QUICK_BATCH)),
+}
+DEFAULT_PRESET = "quick"
+
+
+def preset(method: str, name: str = DEFAULT_PRESET) -> tuple[dict, TrainConfig]:
+    """(hyperparameters, training settings) of ``method`` under preset ``name`` (copies)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
+    table = PRESETS[name]
+    if method not in table:
+        raise ConfigError(f"preset '{name}' has no method '{method}' "
+                          f"(choose from {', '.join(table)})")
+    hyper, train = table[method]
+    return dict(hyper), replace(train)

@@ -1,0 +1,193 @@
+"""Run one unlearning method on a forget set and measure what it did to each sample.
+
+``unlearn`` = outcomes before -> training (with an optional per-sample NLL trajectory on the
+forget set every k steps) -> outcomes after -> per-sample deltas and *steps to forget*.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cud.data.encoding import batches, encode_samples
+from cud.data.samples import QASample
+from cud.errors import ConfigError
+from cud.models.loading import LoadedModel, prepare
+from cud.unlearning.loop import TrainConfig, TrainLog, train
+from cud.unlearning.methods import UnlearningMethod, make_method
+from cud.unlearning.outcomes import ALL_METRICS, evaluate_outcomes, outcome_deltas
+from cud.unlearning.presets import DEFAULT_PRESET, preset
+from cud.unlearning.scoring import answer_logits
+
+#: a sample counts as forgotten once its normalised answer probability falls below this (ours)
+DEFAULT_FORGET_THRESHOLD = 0.1
+
+
+@dataclass
+class UnlearningResult:
+    """What one unlearning run produced. Tables are indexed by sample id."""
+
+    model: LoadedModel           # the unlearned model
+    method: UnlearningMethod
+    train_config: TrainConfig
+    before: pd.DataFrame         # forget-set outcomes before unlearning
+    after: pd.DataFrame          # ... and after
+    deltas: pd.DataFrame         # {metric}_before / _after / _delta per sample
+    trajectory: pd.DataFrame     # long table: step, id, nll, prob (evaluation steps only)
+    steps_to_forget: pd.Series   # first evaluated step with prob < threshold (NaN: never)
+    log: TrainLog
+    retain_before: pd.DataFrame | None = None
+    retain_after: pd.DataFrame | None = None
+    settings: dict = field(default_factory=dict)
+
+    def per_sample(self) -> pd.DataFrame:
+        """One table: deltas plus steps to forget (the per-sample ground truth)."""
+        out = self.deltas.copy()
+        out["steps_to_forget"] = self.steps_to_forget.reindex(out.index)
+        return out
+
+
+def split_forget_retain(samples: Sequence[QASample], forget_fraction: float = 0.5, *,
+                        seed: int = 0, group: Callable[[QASample], str] | None = None
+                        ) -> tuple[list[QASample], list[QASample]]:
+    """Split by group (default: the id's part before the first '.', i.e. the author of a built-in
+    fact, so that all facts of an author fall on one side, as in TOFU's forget splits)."""
+    if not 0 < forget_fraction < 1:
+        raise ConfigError(f"forget fraction must be in (0, 1), got {forget_fraction}")
+    key = group or (lambda s: s.id.split(".", 1)[0])
+    groups = sorted({key(s) for s in samples})
+    random.Random(seed).shuffle(groups)
+    n_forget_groups = max(1, round(len(groups) * forget_fraction))
+    if n_forget_groups >= len(groups):
+        raise ConfigError("the split leaves no retain samples; lower the forget fraction")
+    chosen = set(groups[:n_forget_groups])
+    forget = [s for s in samples if key(s) in chosen]
+    retain = [s for s in samples if key(s) not in chosen]
+    return forget, retain
+
+
+def forget_set_nll(lm: LoadedModel, samples: Sequence[QASample], batch_size: int = 16
+                   ) -> dict[str, float]:
+    """Per-sample answer NLL (no gradient); the cheap quantity tracked along a trajectory."""
+    encoded = encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
+    out = {}
+    with torch.no_grad():
+        for batch in batches(encoded, batch_size, lm.pad_token_id):
+            nll = answer_logits(lm.model, batch.to(lm.device)).nll()
+            out.update(zip(batch.ids, nll.tolist()))
+    return out
+
+
+def steps_to_forget(trajectory: pd.DataFrame, threshold: float = DEFAULT_FORGET_THRESHOLD
+                    ) -> pd.Series:
+    """First evaluated step at which a sample's normalised answer probability is below
+    ``threshold``; NaN when it never is (censored at the last step)."""
+    below = trajectory[trajectory["prob"] < threshold]
+    first = below.groupby("id")["step"].min()
+    ids = pd.Index(trajectory["id"].unique(), name="id")
+    return first.reindex(ids).rename("steps_to_forget")
+
+
+def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASample] | None = None,
+            *, method: str | UnlearningMethod = "graddiff", preset_name: str = DEFAULT_PRESET,
+            hyperparameters: dict | None = None, train_config: TrainConfig | None = None,
+            eval_every: int | None = None, metrics: Sequence[str] = ALL_METRICS,
+            forget_threshold: float = DEFAULT_FORGET_THRESHOLD, batch_size: int = 16,
+            in_place: bool = False, before: pd.DataFrame | None = None,
+            evaluate_retain: bool = False,
+            progress: Callable[[int, int, dict], None] | None = None,
+            trajectory_sink: Callable[[pd.DataFrame], None] | None = None) -> UnlearningResult:
+    """Unlearn ``forget`` from ``lm`` and return the unlearned model and per-sample outcomes.
+
+    ``method``: a registry name (ga, graddiff, npo, simnpo, rmu, undial) or a built method.
+    Hyperparameters and training settings come from preset ``preset_name`` (``quick`` or
+    ``paper``); ``hyperparameters`` and ``train_config`` override them. ``eval_every`` k: track
+    every forget sample's NLL every k optimizer steps (a trajectory; ``steps_to_forget`` uses it,
+    and without it only the start and the end are known). The original ``lm`` is left untouched
+    unless ``in_place``. ``before`` may pass already computed outcomes of ``lm`` on ``forget``.
+    ``trajectory_sink`` receives each evaluation's rows as they are made (to write as you go).
+    """
+    if not forget:
+        raise ConfigError("the forget set is empty")
+    if isinstance(method, UnlearningMethod):
+        unlearning = method
+        _, default_train = preset(unlearning.name, preset_name) if unlearning.name else ({}, None)
+    else:
+        hyper, default_train = preset(method.lower(), preset_name)
+        hyper.update(hyperparameters or {})
+        unlearning = make_method(method, **hyper)
+    config = replace(train_config or default_train or TrainConfig())
+    if eval_every is not None:
+        config.eval_every = eval_every
+    if unlearning.uses_retain and not retain and getattr(unlearning, "alpha", 0):
+        raise ConfigError(f"method '{unlearning.name}' uses a retain set; give one (or alpha=0)")
+
+    if before is None:
+        before = evaluate_outcomes(lm, forget, metrics=metrics, batch_size=batch_size)
+    retain_before = evaluate_outcomes(lm, retain, metrics=("nll", "prob", "exact_mem"),
+                                      batch_size=batch_size) \
+        if evaluate_retain and retain else None
+
+    net = lm.model if in_place else copy.deepcopy(lm.model)
+    reference = None
+    if unlearning.needs_reference:
+        reference = copy.deepcopy(lm.model)  # frozen original, copied before any step
+        reference.eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
+    unlearning.setup(net, reference)
+    work = prepare(net, lm.tokenizer, name=f"{lm.name}+{unlearning.name}")
+
+    rows: list[pd.DataFrame] = []
+
+    def evaluate(step: int) -> None:
+        nll = forget_set_nll(work, forget, batch_size)
+        frame = pd.DataFrame({"step": step, "id": list(nll), "nll": list(nll.values())})
+        frame["prob"] = np.exp(-frame["nll"])
+        rows.append(frame)
+        if trajectory_sink is not None:
+            trajectory_sink(frame)
+
+    pad = lm.pad_token_id
+    enc_f = encode_samples(lm.tokenizer, forget, max_length=lm.adapter.max_positions)
+    enc_r = encode_samples(lm.tokenizer, retain, max_length=lm.adapter.max_positions) \
+        if retain and unlearning.uses_retain else None
+    log = train(net, unlearning.loss, enc_f, enc_r, config, pad_token_id=pad,
+                parameters=unlearning.trainable_parameters(net), evaluate=evaluate,
+                progress=progress)
+    del reference
+    unlearning.reference = None
+
+    after = evaluate_outcomes(work, forget, metrics=metrics, batch_size=batch_size)
+    retain_after = evaluate_outcomes(work, retain, metrics=("nll", "prob", "exact_mem"),
+                                     batch_size=batch_size) \
+        if evaluate_retain and retain else None
+    trajectory = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["step", "id", "nll", "prob"])
+    stf = steps_to_forget(trajectory, forget_threshold)
+    return UnlearningResult(
+        model=work, method=unlearning, train_config=config, before=before, after=after,
+        deltas=outcome_deltas(before, after), trajectory=trajectory, steps_to_forget=stf,
+        log=log, retain_before=retain_before, retain_after=retain_after,
+        settings={"method": unlearning.name, "preset": preset_name,
+                  "hyperparameters": unlearning.hyperparameters(), "train": config.to_dict(),
+                  "forget_threshold": forget_threshold, "n_forget": len(forget),
+                  "n_retain": len(retain or [])})
+
+
+def spread(values: pd.Series) -> dict[str, float]:
+    """Quartiles, mean and standard deviation of a per-sample quantity (e.g. the NLL increase)."""
+    v = values.dropna().astype(float)
+    if v.empty:
+        return {k: math.nan for k in ("min", "q1", "median", "q3", "max", "mean", "std")}
+    q = v.quantile([0, 0.25, 0.5, 0.75, 1.0]).to_numpy()
+    return {"min": q[0], "q1": q[1], "median": q[2], "q3": q[3], "max": q[4],
+            "mean": float(v.mean()), "std": float(v.std(ddof=0))}

@@ -1,0 +1,108 @@
+"""Baseline difficulty metrics: MRD's limits and resumption, Min-K%, gradient norms, caching."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cud.data import load_qa
+from cud.difficulty.baselines import (BASELINES, baseline_metrics, gradient_norms, min_k_prob,
+                                      mrd)
+from cud.errors import ConfigError
+from cud.models.tiny import tiny_model
+from cud.unlearning.outcomes import teacher_forced_outcomes
+from cud.unlearning.scoring import answer_logits
+from cud.data import collate, encode_samples
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama", seed=3)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return load_qa("builtin:6")
+
+
+def test_mrd_is_zero_without_noise(lm, samples):
+    values = mrd(lm, samples, sigma=0.0, k=3)
+    assert (values == 0.0).all()
+
+
+def test_mrd_grows_with_sigma(lm, samples):
+    means = [mrd(lm, samples, sigma=s, k=4).mean() for s in (1e-4, 1e-3, 1e-2)]
+    assert means[0] < means[1] < means[2]
+    assert all(0 <= m <= 2 for m in means)
+
+
+def test_mrd_restores_the_weights(lm, samples):
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    mrd(lm, samples, sigma=1e-2, k=2)
+    for k, v in lm.model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_mrd_resumes_to_the_same_result(lm, samples, tmp_path):
+    full = mrd(lm, samples, sigma=1e-3, k=4, seed=7)
+    ckpt = tmp_path / "mrd.npz"
+
+    def stop_after_two(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mrd(lm, samples, sigma=1e-3, k=4, seed=7, checkpoint=ckpt, progress=stop_after_two)
+    seen = []
+    resumed = mrd(lm, samples, sigma=1e-3, k=4, seed=7, checkpoint=ckpt,
+                  progress=lambda d, t: seen.append(d))
+    assert seen == [3, 4]  # only the missing draws ran
+    np.testing.assert_allclose(resumed.to_numpy(), full.to_numpy(), rtol=1e-12)
+
+
+def test_mrd_all_tokens_option_and_errors(lm, samples):
+    assert mrd(lm, samples, sigma=1e-3, k=2, tokens="all").notna().all()
+    with pytest.raises(ConfigError):
+        mrd(lm, samples, tokens="some")
+    with pytest.raises(ConfigError):
+        mrd(lm, samples, k=0)
+    half = tiny_model("llama", dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="float32"):
+        mrd(half, samples, sigma=1e-5, k=1)
+
+
+def test_min_k_prob(lm, samples):
+    whole = min_k_prob(lm, samples, k=1.0)
+    nll = teacher_forced_outcomes(lm, samples)["nll"]
+    np.testing.assert_allclose(whole.to_numpy(), -nll.to_numpy(), rtol=1e-5)
+    low = min_k_prob(lm, samples, k=0.2)
+    assert (low <= whole + 1e-9).all()
+
+
+def test_gradient_norm_matches_a_manual_backward(lm, samples):
+    norms = gradient_norms(lm, samples[:2])
+    model = lm.model
+    model.zero_grad()
+    batch = collate(encode_samples(lm.tokenizer, samples[1:2]), lm.pad_token_id)
+    answer_logits(model, batch).nll().sum().backward()
+    manual = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
+    model.zero_grad()
+    assert norms.iloc[1] == pytest.approx(manual, rel=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_baseline_table_and_cache(lm, samples, tmp_path):
+    table = baseline_metrics(lm, samples, mrd_k=2, mrd_sigma=1e-3, work_dir=tmp_path)
+    assert list(table.columns) == list(BASELINES)
+    assert list(table.index) == [s.id for s in samples]
+    assert table.notna().all().all()
+    cached = sorted(p.name for p in tmp_path.glob("baseline.*.parquet"))
+    assert len(cached) == 4  # teacher-forced, min-k, grad norm, MRD
+    calls = []
+    again = baseline_metrics(lm, samples, mrd_k=2, mrd_sigma=1e-3, work_dir=tmp_path,
+                             progress=lambda name, d, t: calls.append(name))
+    assert calls == []  # nothing recomputed
+    np.testing.assert_allclose(again.to_numpy(), table.to_numpy())
+    with pytest.raises(ConfigError):
+        baseline_metrics(lm, samples, metrics=("loss", "vibes"))

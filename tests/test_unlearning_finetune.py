@@ -1,0 +1,70 @@
+"""Fine-tuning: it teaches, a cached folder is reused, a changed setting or data is not."""
+
+from dataclasses import replace
+
+import pytest
+
+from cud.data import load_qa
+from cud.models.tiny import tiny_model
+from cud.unlearning.finetune import FinetuneConfig, cache_key, finetune
+from cud.unlearning.loop import TrainConfig
+
+SMALL = TrainConfig(lr=1e-2, epochs=20, batch_size=4, warmup=0.05, weight_decay=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny llama saved as a Hugging Face folder, so it loads by path like a real model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama", seed=0)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_finetune_teaches_and_reuses_its_cache(tiny_folder, tmp_path):
+    samples = load_qa("builtin:8")
+    config = FinetuneConfig(train=SMALL)
+    first = finetune(tiny_folder, samples, config=config, cache_dir=tmp_path)
+    assert not first.reused
+    assert first.report["after"]["exact_mem"] > first.report["before"]["exact_mem"]
+    assert first.report["after"]["nll"] < first.report["before"]["nll"]
+    assert (first.path / "config.json").is_file()
+    assert list(first.memorisation.index) == [s.id for s in samples]
+
+    again = finetune(tiny_folder, samples, config=config, cache_dir=tmp_path)
+    assert again.reused and again.path == first.path
+    assert again.report == first.report
+    # the reloaded folder is the trained model
+    import torch
+    for (k, v), (_, w) in zip(first.model.model.state_dict().items(),
+                              again.model.model.state_dict().items()):
+        torch.testing.assert_close(v, w)
+
+    changed = finetune(tiny_folder, samples, cache_dir=tmp_path, keep_model=False,
+                       config=FinetuneConfig(train=replace(SMALL, lr=5e-3)))
+    assert not changed.reused and changed.path != first.path
+    assert changed.model is None
+
+
+def test_cache_key_depends_on_model_data_and_settings(tiny_folder):
+    samples = load_qa("builtin:8")
+    base = cache_key(tiny_folder, samples, FinetuneConfig(train=SMALL))
+    assert base == cache_key(tiny_folder, samples, FinetuneConfig(train=SMALL))
+    assert base != cache_key(tiny_folder, samples[:7], FinetuneConfig(train=SMALL))
+    assert base != cache_key(tiny_folder, load_qa("builtin:8:1"), FinetuneConfig(train=SMALL))
+    assert base != cache_key(tiny_folder, samples, FinetuneConfig(train=replace(SMALL, seed=1)))
+    assert base != cache_key(tiny_folder, samples, FinetuneConfig(train=SMALL, lora=True))
+    assert base != cache_key("smollm2", samples, FinetuneConfig(train=SMALL))
+    # evaluating along the way does not change the weights, so it does not change the key
+    assert base == cache_key(tiny_folder, samples,
+                             FinetuneConfig(train=replace(SMALL, eval_every=3)))
+
+
+def test_lora_finetune_saves_a_plain_model(tiny_folder, tmp_path):
+    samples = load_qa("builtin:8")
+    result = finetune(tiny_folder, samples, cache_dir=tmp_path,
+                      config=FinetuneConfig(train=replace(SMALL, lr=3e-2), lora=True, lora_r=8))
+    assert result.report["after"]["nll"] < result.report["before"]["nll"]
+    assert not (result.path / "adapter_config.json").exists()  # merged, not an adapter
+    assert not any("lora" in k for k in result.model.model.state_dict())
