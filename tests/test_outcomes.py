@@ -206,3 +206,16 @@ def test_model_utility_is_a_harmonic_mean():
     assert {"retain_prob", "retain_rougeL_recall", "retain_truth", "general_prob"} <= set(u)
     expected = 0.0 if min(parts) <= 0 else len(parts) / sum(1 / v for v in parts)
     assert u["model_utility"] == pytest.approx(expected)
+
+
+TOFU = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
+
+
+@pytest.mark.skipif(not (TOFU / "forget01_perturbed.json").is_file(), reason="no shared TOFU data")
+def test_truth_ratio_reads_tofu_perturbed_files():
+    samples = load_qa(TOFU / "forget01_perturbed.json", limit=2)
+    assert len(samples[0].extra["perturbed_answer"]) == 5
+    lm = tiny_model("gpt2")
+    tr = truth_ratios(lm, samples)
+    # a random model cannot tell true from perturbed: the ratio is near 1
+    assert tr.notna().all() and tr.between(0.5, 2.0).all()

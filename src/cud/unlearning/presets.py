@@ -33,14 +33,15 @@ PRESETS: dict[str, dict[str, tuple[dict, TrainConfig]]] = {
 }
 
 _QUICK_BATCH = dict(batch_size=8, grad_accum=1, weight_decay=0.01, schedule="constant", warmup=2,
-                    epochs=1)
+                    epochs=2)
 PRESETS["quick"] = {
-    "ga": ({}, TrainConfig(lr=2e-5, **_QUICK_BATCH)),
+    "ga": ({}, TrainConfig(lr=3e-5, **_QUICK_BATCH)),
     "graddiff": ({"alpha": 1.0}, TrainConfig(lr=3e-5, **_QUICK_BATCH)),
-    "npo": ({"beta": 0.5, "alpha": 1.0}, TrainConfig(lr=5e-5, **_QUICK_BATCH)),
+    "npo": ({"beta": 0.5, "alpha": 1.0}, TrainConfig(lr=3e-5, **_QUICK_BATCH)),
     "simnpo": ({"beta": 3.5, "alpha": 1.0, "gamma": 0.25}, TrainConfig(lr=5e-5, **_QUICK_BATCH)),
-    "rmu": ({"layer": None, "coefficient": 20.0, "alpha": 1.0},
-            TrainConfig(lr=1e-4, **_QUICK_BATCH)),
+    # coefficient None: 2x the layer's mean hidden-state norm (SmolLM2's are ~230 at layer 19)
+    "rmu": ({"layer": None, "coefficient": None, "alpha": 1.0},
+            TrainConfig(lr=5e-4, **_QUICK_BATCH)),
     "undial": ({"beta": 10.0, "alpha": 2.0}, TrainConfig(lr=1e-4, **_QUICK_BATCH)),
 }
 DEFAULT_PRESET = "quick"

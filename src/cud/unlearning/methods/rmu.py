@@ -52,22 +52,30 @@ class RMU(UnlearningMethod):
     ``layer``: the decoder layer whose output is steered (0-based). ``None`` picks the same
     relative depth as the reference setup (layer 10 of Llama-3.2-1B's 16): round(L·10/16).
     ``update_layers``: how many layers' MLPs up to and including ``layer`` move (3, as in RMU).
-    ``coefficient``: the steering coefficient c. Hidden states are read at the positions that
-    predict answer tokens (ours: the positions the answer's likelihood depends on).
+    ``coefficient``: the steering coefficient c; ``None`` (ours) sets it to ``auto_scale`` times
+    the mean norm of the frozen model's hidden states at that layer on the first forget batch, so
+    one setting suits models whose residual norms differ by orders of magnitude.
+    ``positions`` (ours): where hidden states are steered and kept: ``answer`` (default: the
+    positions that predict answer tokens, which the answer's likelihood depends on), ``sample``
+    (those and the question's tokens) or ``all`` (every real token, as RMU on raw text).
     """
 
     name = "rmu"
     needs_reference = True
     uses_retain = True
     layer: int | None = None
-    coefficient: float = 100.0
+    coefficient: float | None = 100.0
     alpha: float = 1.0
     update_layers: int = 3
+    auto_scale: float = 2.0
+    positions: str = "answer"
     seed: int = 0
 
     def hyperparameters(self) -> dict:
         return {"layer": self.layer, "coefficient": self.coefficient, "alpha": self.alpha,
-                "update_layers": self.update_layers, "seed": self.seed}
+                "update_layers": self.update_layers, "positions": self.positions,
+                "auto_scale": self.auto_scale,
+                "seed": self.seed}
 
     def resolved_layer(self, model) -> int:
         n = num_layers(model)
@@ -83,7 +91,9 @@ class RMU(UnlearningMethod):
         gen = torch.Generator().manual_seed(self.seed)
         u = torch.rand(d, generator=gen)  # as the reference code: uniform [0, 1), normalised
         p = next(model.parameters())
-        self._control = (self.coefficient * u / u.norm()).to(p.device, torch.float32)
+        self._direction = (u / u.norm()).to(p.device, torch.float32)
+        self._control = None if self.coefficient is None else self.coefficient * self._direction
+        self.resolved_coefficient = self.coefficient
 
     def trainable_parameters(self, model):
         layer = self.resolved_layer(model)
@@ -98,9 +108,23 @@ class RMU(UnlearningMethod):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
                     output_hidden_states=True, use_cache=False, logits_to_keep=1)
         # hidden_states[0] is the embedding output, hidden_states[l + 1] the output of layer l
-        return out.hidden_states[self._layer + 1][prediction_mask(batch)].float()
+        return out.hidden_states[self._layer + 1][self._positions(batch)].float()
+
+    def _positions(self, batch: Batch) -> Tensor:
+        if self.positions == "answer":
+            return prediction_mask(batch)
+        if self.positions == "sample":
+            return prediction_mask(batch) | batch.question_mask
+        if self.positions == "all":
+            return batch.attention_mask
+        raise ValueError(f"RMU positions must be answer, sample or all, got '{self.positions}'")
 
     def loss(self, model, forget, retain):
+        if self._control is None:  # automatic coefficient, fixed at the first batch
+            with torch.no_grad():
+                norm = float(self._hidden(self.reference, forget).norm(dim=-1).mean())
+            self.resolved_coefficient = self.auto_scale * norm
+            self._control = self.resolved_coefficient * self._direction
         h_f = self._hidden(model, forget)
         h_r = h_r0 = None
         if retain is not None and self.alpha:
@@ -108,7 +132,8 @@ class RMU(UnlearningMethod):
             with torch.no_grad():
                 h_r0 = self._hidden(self.reference, retain)
         loss = rmu_loss(h_f, h_r, h_r0, self._control, self.alpha)
-        logs = {"steer_mse": float(F.mse_loss(h_f, self._control.expand_as(h_f)).detach())}
+        logs = {"steer_mse": float(F.mse_loss(h_f, self._control.expand_as(h_f)).detach()),
+                "coefficient": float(self.resolved_coefficient)}
         if h_r is not None:
             logs["retain_mse"] = float(F.mse_loss(h_r, h_r0).detach())
         return loss, logs
