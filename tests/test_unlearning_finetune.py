@@ -68,3 +68,16 @@ def test_lora_finetune_saves_a_plain_model(tiny_folder, tmp_path):
     assert result.report["after"]["nll"] < result.report["before"]["nll"]
     assert not (result.path / "adapter_config.json").exists()  # merged, not an adapter
     assert not any("lora" in k for k in result.model.model.state_dict())
+
+
+def test_end_token_is_taught_after_the_answer():
+    from cud.data import encode_sample
+    from cud.models.tiny import tiny_tokenizer
+    from cud.unlearning.finetune import with_end_token
+    tok = tiny_tokenizer()
+    e = encode_sample(tok, load_qa("builtin:1")[0])
+    ended = with_end_token(e, tok.eos_token_id)
+    assert ended.input_ids[-1] == tok.eos_token_id and ended.answer_mask[-1]
+    assert sum(ended.answer_mask) == sum(e.answer_mask) + 1
+    assert cache_key("x", load_qa("builtin:2"), FinetuneConfig()) != \
+        cache_key("x", load_qa("builtin:2"), FinetuneConfig(teach_end=False))

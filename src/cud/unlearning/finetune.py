@@ -55,6 +55,9 @@ class FinetuneConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_target: str = "all-linear"
+    #: also teach the end-of-sequence token after each answer, so greedy answers stop there
+    #: (as a TOFU model's do) instead of running on into the next words
+    teach_end: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -107,6 +110,12 @@ def memorisation_summary(df: pd.DataFrame) -> dict:
     return {"exact_mem": float(df["exact_mem"].mean()),
             "fully_memorised": float((df["exact_mem"] >= 1.0).mean()),
             "prob": float(df["prob"].mean()), "nll": float(df["nll"].mean())}
+
+
+def with_end_token(sample: EncodedSample, token_id: int) -> EncodedSample:
+    """``sample`` with ``token_id`` appended as one more answer token (a training target)."""
+    return EncodedSample(sample.id, sample.input_ids + (token_id,), sample.answer_mask + (True,),
+                         sample.question_mask + (False,))
 
 
 def save_hf_folder(model: torch.nn.Module, tokenizer, path: str | Path) -> None:
@@ -173,6 +182,9 @@ def finetune(model: str, samples: Sequence[QASample], *, config: FinetuneConfig 
     lm = load_model(model, device=device, dtype=dtype)
     before = memorisation_summary(teacher_forced_outcomes(lm, samples))
     encoded = encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
+    eos = getattr(lm.tokenizer, "eos_token_id", None)
+    if config.teach_end and eos is not None:
+        encoded = [with_end_token(e, int(eos)) for e in encoded]
     net = lm.model
     if config.lora:
         try:
