@@ -1,96 +1,15 @@
-"""The ``cud`` command line: one Typer app, each command a thin shell over the library.
-
-Errors a user can act on (:class:`cud.errors.CudError`) are printed on one line and the process
-exits with status 2; nothing else here computes anything.
-"""
+"""Commands `finetune`, `unlearn` and `baselines`: the ground truth CUD is judged against."""
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from cud.cli.app import app, console, fail
+from cud.cli.common import (finetune_config, load, parse_params, progress_bar, run_finetune,
+                             samples_for)
 from cud.errors import CudError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Circuit-guided Unlearning Difficulty: which samples will be hard to "
-                       "unlearn, and why, before you unlearn.")
-console = Console(stderr=True)
-
-
-def fail(message: str) -> None:
-    """Print a one-line error and exit non-zero."""
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
-
-
-# --- circuits -------------------------------------------------------------------------------
-# (the `circuits` command is defined in this section)
-
-
-# --- fine-tuning, unlearning, baseline metrics ------------------------------------------------
-# (the `finetune`, `unlearn` and `baselines` commands are defined in this section)
-
-def _progress_bar():
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                    transient=True)
-
-
-def _samples_for(data: str, split: Optional[str], limit: Optional[int]):
-    from cud.data import load_qa
-    from cud.unlearning.outcomes import add_perturbed_answers, has_perturbations
-    samples = load_qa(data, split=split, limit=limit)
-    # the truth ratio needs wrong answers of the same kind; data without TOFU's perturbed
-    # answers (e.g. the built-in facts) gets them from other samples' answers
-    if not any(has_perturbations(s) for s in samples):
-        samples = add_perturbed_answers(samples)
-    return samples
-
-
-def _finetune_config(lr, epochs, batch_size, lora, lora_r, seed):
-    from dataclasses import replace as _replace
-    from cud.unlearning.finetune import FinetuneConfig, default_train_config
-    train = default_train_config()
-    changes = {k: v for k, v in dict(lr=lr, epochs=epochs, batch_size=batch_size,
-                                     seed=seed).items() if v is not None}
-    return FinetuneConfig(train=_replace(train, **changes), lora=lora,
-                          **({"lora_r": lora_r} if lora_r else {}))
-
-
-def _run_finetune(model, samples, config, cache_dir, device, force, keep_model=True):
-    from cud.unlearning.finetune import finetune
-    with _progress_bar() as bar:
-        task = bar.add_task("fine-tuning", total=None, info="")
-        result = finetune(model, samples, config=config, cache_dir=cache_dir, device=device,
-                          force=force, keep_model=keep_model,
-                          progress=lambda s, t, row: bar.update(
-                              task, completed=s, total=t, info=f"loss {row['loss']:.3f}"))
-    return result
-
-
-def _load(model: str, device: Optional[str], dtype: Optional[str] = None):
-    from cud.models import load_model
-    with console.status(f"loading {model}"):
-        return load_model(model, device=device, dtype=dtype)
-
-
-def _parse_params(params: list[str]) -> dict:
-    out = {}
-    for item in params:
-        key, sep, value = item.partition("=")
-        if not sep:
-            fail(f"--param expects NAME=VALUE, got '{item}'")
-        try:
-            out[key] = None if value.lower() == "none" else \
-                int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            fail(f"--param {key}: expected a number, got '{value}'")
-    return out
 
 
 @app.command()
@@ -116,9 +35,9 @@ def finetune(
     """Teach a model a QA set until it knows it; reuse the folder when asked again."""
     from rich.table import Table
     try:
-        samples = _samples_for(data, split, limit)
-        config = _finetune_config(lr, epochs, batch_size, lora, lora_r, seed)
-        result = _run_finetune(model, samples, config, cache_dir, device, force,
+        samples = samples_for(data, split, limit)
+        config = finetune_config(lr, epochs, batch_size, lora, lora_r, seed)
+        result = run_finetune(model, samples, config, cache_dir, device, force,
                                keep_model=False)
         if out:
             from pathlib import Path
@@ -193,11 +112,11 @@ def unlearn(
     for name in names:
         if name not in METHODS:
             fail(f"unknown unlearning method '{name}' (choose from {', '.join(METHODS)}, all)")
-    hyper = _parse_params(param)
+    hyper = parse_params(param)
     out_dir = Path(out)
     summary = []
     try:
-        samples = _samples_for(data, split, limit)
+        samples = samples_for(data, split, limit)
         if forget:
             forget_set, retain_set = load_qa(forget), samples
             if not any(has_perturbations(s) for s in forget_set):
@@ -205,12 +124,12 @@ def unlearn(
         else:
             forget_set, retain_set = split_forget_retain(samples, forget_fraction, seed=seed)
         if finetune_first:
-            ft = _run_finetune(model, forget_set + retain_set if forget else samples,
-                               _finetune_config(None, None, None, False, None, None), None,
+            ft = run_finetune(model, forget_set + retain_set if forget else samples,
+                               finetune_config(None, None, None, False, None, None), None,
                                device, False, keep_model=True)
             lm = ft.model
         else:
-            lm = _load(model, device)
+            lm = load(model, device)
         out_dir.mkdir(parents=True, exist_ok=True)
         with console.status("outcomes before unlearning"):
             before = evaluate_outcomes(lm, forget_set)
@@ -232,7 +151,7 @@ def unlearn(
             def sink(frame, path=traj):
                 frame.to_csv(path, mode="a", header=not path.exists(), index=False)
 
-            with _progress_bar() as bar:
+            with progress_bar() as bar:
                 task = bar.add_task(f"unlearning: {name}", total=None, info="")
                 result = run_unlearning(
                     lm, forget_set, retain_set, method=name, preset_name=preset,
@@ -312,14 +231,14 @@ def baselines(
     wanted = list(BASELINES) if metrics == "all" else [m.strip() for m in metrics.split(",")]
     out_dir = Path(out)
     try:
-        samples = _samples_for(data, split, limit)
+        samples = samples_for(data, split, limit)
         if finetune_first:
-            lm = _run_finetune(model, samples, _finetune_config(None, None, None, False, None,
+            lm = run_finetune(model, samples, finetune_config(None, None, None, False, None,
                                                                 None),
                                None, device, False).model
         else:
-            lm = _load(model, device, dtype="float32" if "mrd" in wanted else None)
-        with _progress_bar() as bar:
+            lm = load(model, device, dtype="float32" if "mrd" in wanted else None)
+        with progress_bar() as bar:
             tasks = {}
 
             def progress(name, done, total):
@@ -342,16 +261,3 @@ def baselines(
                         f"{v.max():.4g}", BASELINES[name].split(" (")[0])
     console.print(summary)
     print(out_dir)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point of the ``cud`` console script."""
-    try:
-        app(args=argv, standalone_mode=True)
-    except CudError as e:  # raised outside a command body (e.g. while parsing)
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

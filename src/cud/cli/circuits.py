@@ -1,0 +1,1 @@
+"""Command `circuits`: per-sample circuits of a QA set, written to an output folder."""
