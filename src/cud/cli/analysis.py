@@ -1,0 +1,1 @@
+"""Commands of the analysis stage (registered on the shared app)."""

@@ -1,0 +1,1 @@
+"""Commands of the difficulty stage (registered on the shared app)."""
