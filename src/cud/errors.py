@@ -32,3 +32,7 @@ class ConfigError(CudError):
 
 class StoreError(CudError):
     """An output folder cannot be used (not a folder, incompatible version, ...)."""
+
+
+class NumericalError(CudError):
+    """A computation produced NaN or infinite values (e.g. overflow in a low-precision dtype)."""
