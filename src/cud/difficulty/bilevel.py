@@ -13,9 +13,9 @@ size η on the GradDiff loss of the subset (mean over the k chosen samples, reta
 and a first-order expansion of each loss, L_i(θ_u) ≈ L_i + g_i·(θ_u - θ), turns F into a quadratic
 in w:  F(w) ≈ wᵀL + (η/k) wᵀGw - ηα wᵀr,   G_ij = g_i·g_j,  r_i = g_i·g_R.
 With |w| fixed at k the penalty λ‖w‖² = λk is a constant, so it does not change the choice and is
-left out. The quadratic is optimised greedily and then by single swaps until no swap improves it
-(:func:`select_subset`). Gradients are taken over a parameter subset (default: the MLPs of the
-last decoder layer), which keeps the n x P gradient matrix small.
+left out. The quadratic is optimised over subsets of size k (:func:`select_subset`: exactly for
+small candidate sets, else by a local search). Gradients are taken over a parameter subset
+(default: the MLPs of the last decoder layer), which keeps the n x P gradient matrix small.
 
 No unlearning run and no post-unlearning outcome is used, so only the chosen anchors are held
 back from validation.
@@ -23,6 +23,8 @@ back from validation.
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -53,42 +55,57 @@ class SubsetChoice:
     swaps: int
 
 
+#: subsets up to this many are enumerated exactly; beyond it, local search
+EXHAUSTIVE_LIMIT = 200_000
+
+
 def select_subset(loss: np.ndarray, gram: np.ndarray, k: int, *, maximise: bool,
                   retain: np.ndarray | None = None, eta: float = 1.0, alpha: float = 0.0,
-                  max_swaps: int = 1000) -> SubsetChoice:
-    """The k indices that maximise (or minimise) :func:`subset_objective`: greedy additions,
-    then single swaps in/out while one improves the objective."""
+                  exhaustive_limit: int = EXHAUSTIVE_LIMIT, restarts: int = 8, seed: int = 0,
+                  max_swaps: int = 10_000) -> SubsetChoice:
+    """The k indices that maximise (or minimise) :func:`subset_objective`.
+
+    Exact (every subset scored) when there are at most ``exhaustive_limit`` subsets; otherwise
+    a local search: greedy additions, then single swaps in/out while one improves, repeated
+    from ``restarts`` seeded random starts, the best kept (a swap-optimal subset)."""
     n = len(loss)
     if not 1 <= k <= n:
         raise ConfigError(f"k must be between 1 and the number of candidates ({n}), got {k}")
+    loss = np.asarray(loss, dtype=float)
     retain = np.zeros(n) if retain is None else np.asarray(retain, dtype=float)
     sign = 1.0 if maximise else -1.0
+    if math.comb(n, k) <= exhaustive_limit:
+        combos = np.array(list(itertools.combinations(range(n), k)), dtype=int)
+        values = (loss[combos].sum(1) + eta / k * gram[combos[:, :, None], combos[:, None, :]]
+                  .sum((1, 2)) - eta * alpha * retain[combos].sum(1))
+        best = int(np.argmax(sign * values))
+        return SubsetChoice(combos[best].tolist(), float(values[best]), 0)
 
-    def f(s):
-        return sign * subset_objective(s, loss, gram, retain, eta, alpha)
+    def f(subset):
+        return sign * subset_objective(subset, loss, gram, retain, eta, alpha)
 
-    chosen: list[int] = []
-    for _ in range(k):
-        rest = [i for i in range(n) if i not in chosen]
-        chosen.append(max(rest, key=lambda i: (f(chosen + [i]), -i)))
-    best = f(chosen)
-    swaps = 0
-    improved = True
-    while improved and swaps < max_swaps:
-        improved = False
-        for a in range(k):
-            for b in range(n):
+    def climb(chosen: list[int]) -> tuple[list[int], float, int]:
+        value, swaps, improved = f(chosen), 0, True
+        while improved and swaps < max_swaps:
+            improved = False
+            for a, b in itertools.product(range(k), range(n)):
                 if b in chosen:
                     continue
                 trial = chosen[:a] + [b] + chosen[a + 1:]
-                value = f(trial)
-                if value > best + 1e-12:
-                    chosen, best, improved = trial, value, True
-                    swaps += 1
+                if (v := f(trial)) > value + 1e-12:
+                    chosen, value, improved, swaps = trial, v, True, swaps + 1
                     break
-            if improved:
-                break
-    return SubsetChoice(sorted(chosen), sign * best, swaps)
+        return chosen, value, swaps
+
+    greedy: list[int] = []
+    for _ in range(k):
+        rest = [i for i in range(n) if i not in greedy]
+        greedy.append(max(rest, key=lambda i: (f(greedy + [i]), -i)))
+    rng = np.random.default_rng(seed)
+    starts = [greedy] + [rng.choice(n, k, replace=False).tolist() for _ in range(restarts)]
+    results = [climb(list(s)) for s in starts]
+    chosen, value, _ = max(results, key=lambda r: r[1])
+    return SubsetChoice(sorted(chosen), sign * value, sum(r[2] for r in results))
 
 
 def default_parameters(model: torch.nn.Module, layers: int = 1) -> list[torch.nn.Parameter]:
