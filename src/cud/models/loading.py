@@ -3,7 +3,9 @@ SmolLM2-135M-Instruct by short name. Nothing is ever downloaded."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,41 +113,96 @@ def resolve(spec: str) -> tuple[Path | str, str | None]:
     return spec, None  # a hub name: tried from the local cache only
 
 
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json",
+                 "*.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0].strip()}" if lines else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No 'Loading weights' progress bar: the library never prints."""
+    from transformers.utils import logging as hf_logging
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _check_folder(spec: str, folder: Path) -> None:
+    """Name what is missing or unsupported in a model folder before transformers does (its
+    messages run over many lines or name the wrong thing)."""
+    from cud.models.adapters import ADAPTERS, supported_model_types
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ModelError(f"{spec}/config.json: not a valid JSON config "
+                         f"({_first_line(e)})") from None
+    if model_type is None:
+        raise ModelError(f"{spec}/config.json: no 'model_type'; not a Hugging Face model config")
+    if not any(model_type in a.model_types for a in ADAPTERS):
+        raise ModelError(f"{spec}: unsupported architecture '{model_type}' "
+                         f"(supported: {', '.join(supported_model_types())})")
+    if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_FILES):
+        raise ModelError(f"{spec}: no weights in this folder (model.safetensors or "
+                         f"pytorch_model.bin)")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelError(f"{spec}: no tokenizer in this folder ({', '.join(_TOKENIZER_FILES)})")
+
+
 def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None,
                dtype: str | torch.dtype | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer offline, in eval mode, with its residual adapter.
 
     ``spec``: a short name of a bundled model (``smollm2``), a local HF folder, a ``.gguf`` file,
     or a hub name present in the local cache. Device defaults to CUDA when present; dtype to fp32
-    on CPU and bf16 on GPU.
+    on CPU and bf16 on GPU. Anything wrong with the model is a :class:`ModelError` naming it.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     where, gguf = resolve(spec)
+    if gguf is None and Path(str(where)).is_dir():
+        _check_folder(spec, Path(str(where)))
     kwargs = {"local_files_only": True}
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
-        config = AutoConfig.from_pretrained(str(where), **kwargs)
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(str(where), **kwargs)
     except OSError as e:
         if gguf is None and not Path(str(where)).exists():
             raise ModelError(f"{spec}: not found locally and cud never downloads; put the model "
                              f"in a local folder and pass its path") from None
-        raise ModelError(f"{spec}: cannot read the model's configuration ({e})") from None
-    except (ValueError, KeyError) as e:
-        raise ModelError(f"{spec}: unsupported or invalid model ({e})") from None
+        raise ModelError(f"{spec}: cannot read the model's configuration "
+                         f"({_first_line(e)})") from None
+    except Exception as e:  # a damaged GGUF raises struct.error, ValueError, KeyError, ...
+        what = "not a readable GGUF file (truncated or damaged?)" if gguf else \
+            "unsupported or invalid model"
+        raise ModelError(f"{spec}: {what} ({_first_line(e)})") from None
     from cud.models.adapters import ADAPTERS, supported_model_types
     if not any(config.model_type in a.model_types for a in ADAPTERS):
         raise ModelError(f"{spec}: unsupported architecture '{config.model_type}' "
                          f"(supported: {', '.join(supported_model_types())})")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(where), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(f"{spec}: cannot load the model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(where), **kwargs)
+    except Exception as e:  # transformers and tokenizers raise many types for a bad tokenizer
+        raise ModelError(f"{spec}: cannot load the tokenizer ({_first_line(e)})") from None
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype, **kwargs)
+    except Exception as e:  # a truncated or damaged weights file: SafetensorError, struct.error
+        raise ModelError(f"{spec}: cannot load the weights ({_first_line(e)}); the file may be "
+                         f"truncated or damaged") from None
     model.to(dev).eval()
     return prepare(model, tokenizer, name=spec)
 
