@@ -5,6 +5,7 @@ and the built-in generator. Every invalid row raises :class:`DataError` naming f
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -45,6 +46,8 @@ def load_qa(spec: str | Path, *, split: str | None = None, limit: int | None = N
             raise DataError("unknown data format (expected .json, .jsonl, .csv, a dataset "
                             "folder or 'builtin')", file=spec_str)
     if limit is not None:
+        if limit < 1:  # a negative limit would silently drop samples from the end
+            raise DataError(f"--limit must be at least 1, got {limit}", file=spec_str)
         samples = samples[:limit]
     if not samples:
         raise DataError("no samples", file=spec_str)
@@ -72,27 +75,51 @@ def _read_text(path: Path) -> str:
         raise DataError(f"not valid UTF-8 (byte {e.start})", file=str(path), line=line) from None
 
 
+def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f" (column {e.colno})" if line is not None else ""
+        raise DataError(f"malformed JSON: {e.msg}{at}", file=str(path),
+                        line=line if line is not None else e.lineno) from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"malformed JSON: {e}", file=str(path), line=line) from None
+    except RecursionError:
+        raise DataError("malformed JSON: nested too deeply", file=str(path), line=line) from None
+
+
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, row). A file holding one JSON array (or {"data": [...]}) or JSON Lines."""
+    """Yield (line number, row). A file holding one JSON array (or {"data": [...]}, or one
+    object) or JSON Lines."""
     text = _read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON: {e.msg}", file=str(path), line=e.lineno) from None
+        rows = _parse_json(text, path)
+        if not isinstance(rows, list):  # pragma: no cover - a text starting with [ is a list
+            raise DataError("expected a JSON array of objects", file=str(path))
         # Items of an array have no line of their own: report the item number instead.
         for i, row in enumerate(rows):
             yield i + 1, row
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    if stripped.startswith("{") and "\n" in stripped.rstrip():
+        try:  # one pretty-printed object rather than JSON Lines
+            whole = json.loads(text)
+        except (ValueError, RecursionError):
+            whole = None
+        if isinstance(whole, dict):
+            if isinstance(whole.get("data"), list) and \
+                    not any(k in whole for k in REQUIRED_FIELDS):
+                for i, item in enumerate(whole["data"]):
+                    yield i + 1, item
+            else:
+                yield 1, whole
+            return
+    # JSON Lines end at "\n" only: str.splitlines would also cut at U+2028 and other
+    # separators that JSON allows inside strings
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", file=str(path),
-                            line=lineno) from None
+        row = _parse_json(line, path, lineno)
         if isinstance(row, dict) and "data" in row and isinstance(row["data"], list) \
                 and not any(k in row for k in REQUIRED_FIELDS):
             for i, item in enumerate(row["data"]):
@@ -103,14 +130,18 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     text = _read_text(path)
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    if reader.fieldnames is None:
-        raise DataError("empty CSV file", file=str(path))
-    for row in reader:
-        if None in row:  # more cells than header columns
-            raise DataError("more cells than columns in the header", file=str(path),
-                            line=reader.line_num)
-        yield reader.line_num, row
+    # newline="": quoted cells may hold line breaks (str.splitlines would cut them)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        if reader.fieldnames is None:
+            raise DataError("empty CSV file", file=str(path))
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise DataError("more cells than columns in the header", file=str(path),
+                                line=reader.line_num)
+            yield reader.line_num, row
+    except csv.Error as e:  # e.g. a cell over the field size limit
+        raise DataError(f"malformed CSV: {e}", file=str(path), line=reader.line_num) from None
 
 
 def _hf_disk_rows(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
