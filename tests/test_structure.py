@@ -183,7 +183,13 @@ def test_real_circuits_of_a_tiny_model():
     graph = runner.graph
     batch = next(iter(batches(encode_samples(lm.tokenizer, fictitious_authors(6)), 6,
                               lm.pad_token_id)))
-    scores = attribute(runner, batch, ZeroBaseline(), AttributionSettings(steps=2)).edge_scores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # a tiny model runs fastest on one thread
+    try:
+        scores = attribute(runner, batch, ZeroBaseline(),
+                           AttributionSettings(steps=2)).edge_scores
+    finally:
+        torch.set_num_threads(threads)
     circuits = select(graph, scores, SelectionSettings(n_edges=20))
     stats = structure_statistics(graph, circuits, ids=batch.ids)
     assert (stats["n_edges"] == circuits.sum(1).numpy()).all()

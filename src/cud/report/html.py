@@ -1,0 +1,482 @@
+"""One self-contained HTML report (every figure embedded as a base64 PNG, no outside resource)
+plus the same figures as PNG files.
+
+Every section is optional: one whose inputs are missing is left out and the report says so.
+Sections: the CUD distribution; CUD against each method's actual outcome (with the methods' own
+agreement as a reference, METHOD §9); ROC curves of CUD and the baselines; the structure of the
+easy and hard anchor circuits (layer-by-layer heat maps, statistics and the paper's claim);
+drawings of chosen samples' circuits; the hardest and easiest samples with their text.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cud.circuits.graph import Graph
+from cud.report import figures as F
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ReportInputs:
+    """What a report is made of; every field may be None. Tables are indexed by sample id
+    (a column ``id`` is accepted too and becomes the index).
+
+    - ``graph``, ``ids``, ``circuits`` (N, E) bool, ``edge_scores`` (N, E) float: per-sample
+      circuits, row k = sample ``ids[k]`` (e.g. from :func:`cud.runtime.store.load_circuits`);
+    - ``cud``: column ``cud`` (0 easy .. 1 hard), optionally ``d_E`` and ``d_H``, one row per id;
+    - ``anchors``: ``{"easy": [ids], "hard": [ids]}``; ``excluded``: every id whose outcome was
+      read to choose the anchors (kept out of every validation number);
+    - ``anchor_circuits``: ``{"easy": (E,), "hard": (E,)}`` C_E and C_H;
+    - ``outcomes``: ``{method: table}`` with ``cud unlearn``'s columns (``nll_after``,
+      ``nll_delta``, ...);
+    - ``baselines``: one column per baseline difficulty metric (``cud baselines``);
+    - ``samples``: columns ``question`` and ``answer``;
+    - ``statistics``: per-circuit structure statistics (computed from the circuits when None).
+    """
+
+    graph: Graph | None = None
+    ids: list[str] | None = None
+    circuits: np.ndarray | None = None
+    edge_scores: np.ndarray | None = None
+    cud: pd.DataFrame | None = None
+    anchors: dict[str, list[str]] | None = None
+    excluded: list[str] | None = None
+    anchor_circuits: dict[str, np.ndarray] | None = None
+    outcomes: dict[str, pd.DataFrame] | None = None
+    baselines: pd.DataFrame | None = None
+    samples: pd.DataFrame | None = None
+    statistics: pd.DataFrame | None = None
+    sources: dict[str, str] = field(default_factory=dict)   # input name -> where it came from
+
+    @property
+    def has_circuits(self) -> bool:
+        return self.graph is not None and self.circuits is not None and self.ids is not None
+
+
+@dataclass
+class Report:
+    html: Path
+    figures: dict[str, Path]          # figure name -> PNG file
+    tables: dict[str, pd.DataFrame]   # table name -> the numbers shown (also tables/<name>.csv)
+    sections: list[str]               # sections present, in order
+    notes: list[str]                  # sections left out and why, and other caveats
+
+
+def _indexed(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    if table is None:
+        return None
+    if "id" in table.columns:
+        table = table.set_index("id")
+    table = table.copy()
+    table.index = table.index.astype(str)
+    table.index.name = "id"
+    return table
+
+
+def _numpy(x) -> np.ndarray | None:
+    if x is None:
+        return None
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+class _Builder:
+    """Collects figures (PNG files + embedded copies) and HTML fragments."""
+
+    def __init__(self, out_dir: Path, dpi: int, progress: Progress | None):
+        self.out_dir, self.dpi, self.progress = out_dir, dpi, progress
+        self.figure_dir = out_dir / "figures"
+        self.figure_dir.mkdir(parents=True, exist_ok=True)
+        self.figures: dict[str, Path] = {}
+        self.table_dir = out_dir / "tables"
+        self.tables: dict[str, pd.DataFrame] = {}
+        self.parts: list[str] = []
+        self.sections: list[str] = []
+        self.notes: list[str] = []
+
+    def section(self, key: str, title: str, intro: str = "") -> None:
+        self.sections.append(key)
+        self.parts.append(f'<section id="{key}"><h2>{html.escape(title)}</h2>')
+        if intro:
+            self.parts.append(f"<p>{intro}</p>")
+
+    def end(self) -> None:
+        self.parts.append("</section>")
+
+    def skip(self, title: str, why: str) -> None:
+        self.notes.append(f"{title}: left out ({why})")
+
+    def figure(self, name: str, make: Callable[[], "F.Figure"], caption: str) -> None:
+        if self.progress:
+            self.progress(name)
+        fig = make()
+        png = F.figure_png(fig, self.dpi)
+        path = self.figure_dir / f"{name}.png"
+        path.write_bytes(png)
+        self.figures[name] = path
+        data = base64.b64encode(png).decode("ascii")
+        self.parts.append(
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(name)}" '
+            f'data-figure="{html.escape(name)}"><figcaption>{caption} '
+            f'<span class="file">figures/{html.escape(name)}.png</span></figcaption></figure>')
+
+    def table(self, frame: pd.DataFrame, *, name: str | None = None, index: bool = True,
+              digits: int = 3) -> None:
+        if name is not None:
+            self.tables[name] = frame
+            self.table_dir.mkdir(exist_ok=True)
+            frame.to_csv(self.table_dir / f"{name}.csv", index=index)
+        def fmt(v) -> str:
+            if isinstance(v, (float, np.floating)):
+                return "–" if not np.isfinite(v) else f"{v:.{digits}g}"
+            return "" if v is None else str(v)
+        shown = frame.map(fmt)
+        shown.index = [fmt(i) for i in frame.index]
+        shown.index.name = frame.index.name
+        table = shown.to_html(index=index, escape=True, border=0, classes="data")
+        for word in ("agrees", "opposite"):
+            table = table.replace(f"<td>{word}</td>", f'<td class="{word}">{word}</td>')
+        self.parts.append(table)
+
+    def text(self, fragment: str) -> None:
+        self.parts.append(fragment)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1150px;margin:2em auto;
+padding:0 1em;color:#212529;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #dee2e6;padding-bottom:.2em;
+margin-top:2em}figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #f1f3f5}
+figcaption{font-size:.9em;color:#495057}.file{color:#868e96;font-family:monospace;
+font-size:.85em;margin-left:.5em}table.data{border-collapse:collapse;font-size:.85em;margin:.6em 0}
+table.data th,table.data td{padding:.25em .6em;border-bottom:1px solid #e9ecef;text-align:left;
+vertical-align:top;max-width:34em}.notes{background:#fff9db;
+padding:.6em 1em;border-left:4px solid #fab005}.muted{color:#868e96}nav a{margin-right:1em}
+.agrees{color:#2b8a3e;font-weight:600}.opposite{color:#c92a2a;font-weight:600}
+"""
+
+
+def _forgetting(outcomes: Mapping[str, pd.DataFrame], outcome: str) -> dict[str, pd.Series]:
+    from cud.difficulty.groundtruth import forgetting
+    out = {}
+    for method, table in outcomes.items():
+        if outcome in table.columns or outcome == "steps_to_forget":
+            out[method] = forgetting(table, outcome, source=method)
+    return out
+
+
+def _direction(outcome: str) -> str:
+    from cud.unlearning.outcomes import METRICS
+    metric = outcome.rsplit("_", 1)[0]
+    if outcome == "steps_to_forget":
+        return "lower = forgotten sooner"
+    return METRICS[metric].direction if metric in METRICS else ""
+
+
+def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD report",
+                 outcomes: Sequence[str] = ("nll_after", "nll_delta"),
+                 draw: Sequence[str] | None = None, n_extremes: int = 10, dpi: int = 110,
+                 progress: Progress | None = None) -> Report:
+    """Write ``<out_dir>/report.html``, ``<out_dir>/figures/*.png`` and the numbers of its tables
+    as ``<out_dir>/tables/*.csv``.
+
+    ``outcomes``: outcome columns shown against CUD (METHOD §9: the raw answer loss after
+    unlearning and its change); the first also defines a method's *hard* samples for the ROC
+    curves (forgetting below that method's median). ``draw``: sample ids whose circuits are drawn
+    (default: the easiest and hardest evaluated sample by CUD). ``n_extremes``: rows of the
+    hardest/easiest tables. ``progress(name)`` is called before each figure."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    b = _Builder(out_dir, dpi, progress)
+    cud_table = _indexed(inputs.cud)
+    if cud_table is not None and "cud" not in cud_table.columns:
+        from cud.errors import DataError
+        raise DataError("the CUD table has no 'cud' column", file=inputs.sources.get("cud"))
+    cud = cud_table["cud"].astype(float) if cud_table is not None else None
+    anchors = {k: [str(i) for i in v] for k, v in (inputs.anchors or {}).items()} or None
+    anchor_ids = set((anchors or {}).get("easy", [])) | set((anchors or {}).get("hard", []))
+    held = anchor_ids | set(map(str, inputs.excluded or []))
+    outcome_tables = {m: _indexed(t) for m, t in (inputs.outcomes or {}).items()}
+    baselines = _indexed(inputs.baselines)
+    samples = _indexed(inputs.samples)
+    forgetting = {o: _forgetting(outcome_tables, o) for o in outcomes} if outcome_tables else {}
+    for o in [o for o, f in forgetting.items() if not f]:
+        b.notes.append(f"Outcome '{o}': in no method's outcome table, not shown")
+    forgetting = {o: f for o, f in forgetting.items() if f}
+
+    # --- CUD distribution ---------------------------------------------------------------------
+    if cud is not None:
+        b.section("distribution", "CUD distribution")
+        b.figure("cud_distribution", lambda: F.cud_distribution(cud, anchors),
+                 "CUD of every sample; anchors in their colours. 0 = circuit like the easy anchor "
+                 "circuit, 1 = like the hard one.")
+        summary = cud.describe()[["count", "mean", "std", "min", "25%", "50%", "75%", "max"]]
+        b.table(summary.to_frame("cud").T, name="cud_summary")
+        b.end()
+    else:
+        b.skip("CUD distribution", "no CUD scores")
+
+    # --- CUD vs outcome -----------------------------------------------------------------------
+    if cud is not None and forgetting:
+        b.section("outcomes", "CUD against the actual outcome",
+                  "Each point is a sample; y is its outcome after unlearning with that method. "
+                  "Spearman ρ is over samples that are neither anchors nor held out (their "
+                  "outcomes chose the anchors). CUD predicts hard = little forgetting, so a "
+                  "working CUD has ρ &lt; 0 with a ‘higher = more forgotten’ outcome.")
+        panels = {}
+        for o in forgetting:
+            for method, table in outcome_tables.items():
+                if o in table.columns:
+                    panels[f"{method}: {o}"] = table[o].astype(float)
+        b.figure("cud_vs_outcome",
+                 lambda: F.cud_vs_outcome(cud, panels, anchors=anchors, excluded=list(held),
+                                          ncols=min(4, len(outcome_tables))),
+                 "CUD against each method's outcome (" + "; ".join(
+                     f"{o}: {html.escape(_direction(o))}" for o in forgetting) + ").")
+        b.table(_validation_table(cud, forgetting, held), name="validation", index=False)
+        b.end()
+    else:
+        b.skip("CUD against outcomes", "needs CUD scores and unlearning outcomes")
+
+    # --- ROC ----------------------------------------------------------------------------------
+    first = next(iter(forgetting), None)
+    if first is not None and (cud is not None or baselines is not None):
+        scores = pd.DataFrame(index=pd.Index(sorted(set().union(
+            *(f.index for f in forgetting[first].values()))), name="id"))
+        if cud is not None:
+            scores["cud"] = cud
+        if baselines is not None:
+            for col in baselines.columns:
+                if pd.api.types.is_numeric_dtype(baselines[col]):
+                    scores[col] = baselines[col].astype(float)
+        hard = {}
+        for method, f in forgetting[first].items():
+            f = f[~f.index.isin(held)]
+            hard[method] = f < f.median()
+        b.section("roc", "ROC curves: finding the hard samples",
+                  f"A sample counts as hard for a method when its forgetting "
+                  f"({html.escape(first)}) is below "
+                  f"that method's median over the evaluated samples (anchors and held-out samples "
+                  f"left out). CUD keeps its direction; a baseline has no known direction and is "
+                  f"negated (‘-name’) when that scores better, which flatters the baselines.")
+        b.figure("roc_curves", lambda: F.roc_curves(scores, hard),
+                 "ROC curves of CUD (black) and the baselines; AUROC in the legend.")
+        table = F.roc_table(scores, hard)
+        table["score"] = [("-" if n else "") + s for s, n in zip(table["score"], table["negated"])]
+        b.table(table.pivot(index="score", columns="method", values="auc"), name="roc_auc")
+        b.end()
+    else:
+        b.skip("ROC curves", "needs unlearning outcomes and CUD or baseline scores")
+
+    # --- structure ----------------------------------------------------------------------------
+    stats = _indexed(inputs.statistics)
+    if stats is None and inputs.has_circuits:
+        from cud.circuits.structure import structure_statistics
+        stats = structure_statistics(inputs.graph, _numpy(inputs.circuits), ids=inputs.ids)
+    if inputs.graph is not None and (inputs.anchor_circuits or (anchors and inputs.has_circuits)):
+        _structure_section(b, inputs, anchors, stats, cud, forgetting, first)
+    else:
+        b.skip("Structure of the anchor circuits", "needs circuits and anchors")
+
+    # --- drawings -----------------------------------------------------------------------------
+    if inputs.has_circuits:
+        _drawings(b, inputs, cud, held, draw)
+    else:
+        b.skip("Circuit drawings", "no circuits")
+
+    # --- hardest and easiest ------------------------------------------------------------------
+    if cud is not None:
+        b.section("extremes", "The hardest and easiest samples by CUD",
+                  "Anchors are marked; outcomes are each method's "
+                  f"{html.escape(first or 'outcome')} ({html.escape(_direction(first or ''))}).")
+        for label, ascending in (("hardest", False), ("easiest", True)):
+            b.text(f"<h3>{n_extremes} {label}</h3>")
+            b.table(_extremes(cud_table, samples, anchors, outcome_tables, first, n_extremes,
+                              ascending), name=label, index=False)
+        if samples is None:
+            b.notes.append("Sample texts: not shown (no samples given)")
+        b.end()
+    else:
+        b.skip("Hardest and easiest samples", "no CUD scores")
+
+    page = _page(title, inputs, b)
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return Report(path, b.figures, b.tables, b.sections, b.notes)
+
+
+def _validation_table(cud: pd.Series, forgetting: Mapping[str, Mapping[str, pd.Series]],
+                      held: set[str]) -> pd.DataFrame:
+    """Per outcome and method: Spearman ρ(CUD, forgetting) on evaluated samples, and the mean
+    Spearman agreement of that method's forgetting with the other methods' (the reference)."""
+    from scipy.stats import spearmanr
+    rows = []
+    for outcome, per_method in forgetting.items():
+        frame = pd.DataFrame(per_method)
+        frame = frame[~frame.index.isin(held)]
+        agreement = frame.corr(method="spearman") if frame.shape[1] > 1 else None
+        for method in frame.columns:
+            pair = pd.DataFrame({"cud": cud, "f": frame[method]}).dropna()
+            rho = p = float("nan")
+            if len(pair) >= 3 and pair["cud"].nunique() > 1 and pair["f"].nunique() > 1:
+                r = spearmanr(pair["cud"], pair["f"])
+                rho, p = float(r.statistic), float(r.pvalue)
+            ref = float("nan") if agreement is None else \
+                float(agreement[method].drop(method).mean())
+            rows.append({"outcome": outcome, "method": method, "n": len(pair),
+                         "rho(CUD, forgetting)": rho, "p": p,
+                         "mean rho with other methods": ref})
+    return pd.DataFrame(rows)
+
+
+def _structure_section(b: _Builder, inputs: ReportInputs, anchors, stats, cud, forgetting,
+                       first) -> None:
+    from cud.analysis.structure import analyze_structure
+    from cud.circuits.structure import STATISTICS
+    b.section("structure", "Structure of the easy and hard circuits",
+              "The paper's claim: easy samples' circuits are short, shallow and early-to-middle; "
+              "hard samples' use longer edges and deeper pathways near the last layers. The "
+              "verdicts below test it on this model; the answer may be no.")
+    graph = inputs.graph
+    maps: dict[str, np.ndarray] = {}
+    caption = ""
+    if inputs.anchor_circuits:
+        maps = {f"{k} anchor circuit": _numpy(v) for k, v in inputs.anchor_circuits.items()}
+        caption = "The anchor circuits C_E and C_H"
+    elif anchors and inputs.has_circuits:
+        where = {i: k for k, i in enumerate(inputs.ids)}
+        circuits = _numpy(inputs.circuits)
+        for group in ("easy", "hard"):
+            rows = [where[i] for i in anchors.get(group, []) if i in where]
+            if rows:
+                maps[f"{group} anchors (mean of {len(rows)})"] = circuits[rows].astype(float)
+        caption = "The easy and hard anchors' own circuits, averaged"
+    if maps:
+        b.figure("anchor_heatmaps", lambda: F.layer_heatmaps(graph, maps),
+                 f"{caption}: edges from each writer layer (x) into each reader layer (y). "
+                 "Distance below the diagonal = edge span; rows high up = late.")
+    if stats is not None and anchors:
+        diffs = {f"{m} {first}": -f for m, f in forgetting.get(first, {}).items()} if first \
+            else {}
+        analysis = analyze_structure(stats, anchors=anchors, cud=cud, difficulties=diffs)
+        claimed = [s for s, (_, sign) in STATISTICS.items() if sign and s in stats.columns]
+        if analysis.anchors is not None and not analysis.anchors.empty:
+            effects = analysis.anchors["cliffs_delta"].to_dict()
+            b.figure("anchor_structure",
+                     lambda: F.structure_boxplots(stats, {"easy": anchors.get("easy", []),
+                                                          "hard": anchors.get("hard", [])},
+                                                  columns=claimed, effects=effects),
+                     "Structure statistics of the easy and hard anchors' circuits "
+                     "(δ = Cliff's delta, positive = higher in hard).")
+        for name, table, text in (
+                ("anchors", analysis.anchors, "Easy vs hard anchors (Mann-Whitney U, Holm)"),
+                ("cud", analysis.cud, "CUD-easy vs CUD-hard thirds (anchors left out)")):
+            if table is not None and not table.empty:
+                b.text(f"<h3>{text}</h3>")
+                shown = table[["n_easy", "n_hard", "median_easy", "median_hard",
+                               "cliffs_delta", "p_holm", "expected", "verdict"]]
+                b.table(shown, name=f"compare_{name}")
+        if analysis.correlations is not None:
+            b.text("<h3>Spearman ρ of each statistic with CUD and with each method's "
+                   "difficulty (higher = harder)</h3>")
+            b.table(analysis.correlations.pivot(index="statistic", columns="target",
+                                                values="rho").reindex(stats.columns),
+                    name="correlations")
+        summary = analysis.summary()
+        if summary:
+            items = "".join(f"<li><b>{html.escape(k)}</b>: " + ", ".join(
+                f"{n} {html.escape(v)}" for v, n in counts.items()) + "</li>"
+                for k, counts in summary.items())
+            b.text(f"<p>Verdicts over the statistics with a claim:</p><ul>{items}</ul>")
+    b.text("<p class='muted'>Definitions: edge span = reader layer - writer layer (input = -1, "
+           "logits = L); path length = edges on an input-to-logits path; last third = the last "
+           "max(1, round(L/3)) layers (and logits, for edges). See <code>cud.circuits.structure</code>.</p>")
+    b.end()
+
+
+def _drawings(b: _Builder, inputs: ReportInputs, cud, held, draw) -> None:
+    ids = [str(i) for i in inputs.ids]
+    where = {i: k for k, i in enumerate(ids)}
+    if draw is None:
+        draw = []
+        if cud is not None:
+            scored = cud[cud.index.isin(where) & ~cud.index.isin(held)].dropna()
+            if len(scored):
+                draw = [scored.idxmin(), scored.idxmax()]
+        draw = list(dict.fromkeys(draw)) or ids[:1]
+    unknown = [i for i in draw if i not in where]
+    if unknown:
+        from cud.errors import DataError
+        raise DataError(f"no circuit for sample id(s) {', '.join(unknown[:5])} to draw")
+    b.section("circuits", "Circuits of single samples",
+              "Layers as rows (input at the bottom, logits on top); heads then the MLP along each "
+              "row, the MLP drawn a little higher (it reads its layer's heads unless the model runs them in parallel). Line "
+              "colour = how the edge is read; width = |edge score|.")
+    circuits, scores = _numpy(inputs.circuits), _numpy(inputs.edge_scores)
+    for sample_id in draw:
+        k = where[sample_id]
+        label = sample_id + (f" (CUD {cud[sample_id]:.3f})" if cud is not None and
+                             sample_id in cud.index else "")
+        b.figure(f"circuit_{_file_name(sample_id)}",
+                 lambda k=k, label=label: F.circuit_drawing(
+                     inputs.graph, circuits[k], None if scores is None else scores[k],
+                     title=label),
+                 f"Circuit of sample {html.escape(label)}.")
+    b.end()
+
+
+def _file_name(sample_id: str) -> str:
+    import re
+    return re.sub(r"[^A-Za-z0-9._-]", "_", sample_id)[:80]
+
+
+def _extremes(cud_table, samples, anchors, outcomes, outcome, n, ascending) -> pd.DataFrame:
+    order = cud_table["cud"].astype(float).dropna().sort_values(ascending=ascending,
+                                                                kind="stable")
+    picked = order.index[:n]
+    table = pd.DataFrame({"id": picked, "CUD": order.loc[picked].to_numpy()})
+    for col in ("d_E", "d_H", "d_easy", "d_hard"):
+        if col in cud_table.columns:
+            table[col] = cud_table.loc[picked, col].to_numpy(dtype=float)
+    if anchors:
+        table["anchor"] = ["easy" if i in set(anchors.get("easy", [])) else
+                           "hard" if i in set(anchors.get("hard", [])) else ""
+                           for i in picked]
+    if outcome:
+        for method, t in outcomes.items():
+            if outcome in t.columns:
+                table[f"{method}"] = t[outcome].reindex(picked).to_numpy(dtype=float)
+    if samples is not None:
+        for col in ("question", "answer"):
+            if col in samples.columns:
+                table[col] = samples[col].reindex(picked).fillna("").to_numpy()
+    return table
+
+
+def _page(title: str, inputs: ReportInputs, b: _Builder) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    names = {"distribution": "CUD", "outcomes": "outcomes", "roc": "ROC",
+             "structure": "structure", "circuits": "circuits", "extremes": "samples"}
+    nav = "".join(f'<a href="#{k}">{names.get(k, k)}</a>' for k in b.sections)
+    sources = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
+                      for k, v in inputs.sources.items())
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in b.notes)
+    body = "\n".join(b.parts)
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><p class='muted'>Circuit-guided Unlearning Difficulty"
+            f" · generated {stamp}</p><nav>{nav}</nav>"
+            + (f"<h3>Inputs</h3><ul>{sources}</ul>" if sources else "")
+            + (f"<div class='notes'><b>Not in this report</b><ul>{notes}</ul></div>"
+               if notes else "")
+            + f"{body}</body></html>\n")

@@ -1,0 +1,331 @@
+"""The report: figures, one self-contained HTML file checked in headless Chromium, and the
+`analyze` and `report` commands on folders written the way the other commands write them."""
+
+import base64
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+from typer.testing import CliRunner
+
+from cud.report import (ReportInputs, build_report, circuit_drawing, layer_heatmaps,
+                        load_report_inputs, roc_table)
+
+METHODS = ("graddiff", "npo")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Real circuits of a tiny model, anchor circuits, a CUD, and outcomes that follow the CUD
+    (less forgetting where CUD is high) with noise, so the report's signs can be checked."""
+    from cud.circuits.attribution import AttributionSettings, attribute
+    from cud.circuits.baseline_activations import ZeroBaseline
+    from cud.circuits.runner import ResidualRunner
+    from cud.circuits.selection import SelectionSettings, select
+    from cud.data import batches, encode_samples, fictitious_authors
+    from cud.models import tiny_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # a tiny model runs fastest on one thread
+    lm = tiny_model("llama", num_hidden_layers=3)
+    samples = fictitious_authors(20)
+    samples[3] = dataclasses.replace(
+        samples[3], question="Is <b>bold</b> & <script>alert(1)</script> escaped?")
+    runner = ResidualRunner(lm.adapter)
+    graph = runner.graph
+    ids, scores = [], []
+    for batch in batches(encode_samples(lm.tokenizer, samples), 10, lm.pad_token_id):
+        a = attribute(runner, batch, ZeroBaseline(), AttributionSettings(steps=2))
+        ids += a.ids
+        scores.append(a.edge_scores)
+    torch.set_num_threads(threads)
+    scores = torch.cat(scores)
+    selection = SelectionSettings(n_edges=20)
+    circuits = select(graph, scores, selection)
+    easy, hard = ids[:3], ids[3:6]
+    where = {i: k for k, i in enumerate(ids)}
+    mean = torch.stack([scores[[where[i] for i in easy]].mean(0),
+                        scores[[where[i] for i in hard]].mean(0)])
+    anchor_circuits = select(graph, mean, selection)
+
+    def jaccard(c, anchor):
+        return 1 - (c & anchor).sum(-1).double() / (c | anchor).sum(-1).double()
+
+    d_e, d_h = jaccard(circuits, anchor_circuits[0]), jaccard(circuits, anchor_circuits[1])
+    cud = (d_e / (d_e + d_h)).numpy()
+    cud_table = pd.DataFrame({"id": ids, "cud": cud, "d_E": d_e.numpy(), "d_H": d_h.numpy()})
+    rng = np.random.default_rng(0)
+    index = pd.Index(ids, name="id")
+    outcomes = {}
+    scaled = (cud - cud.min()) / np.ptp(cud)
+    for k, method in enumerate(METHODS):
+        before = rng.uniform(0.2, 0.6, len(ids))
+        delta = 4 - 3 * scaled + rng.normal(0, 0.05 * (k + 1), len(ids))
+        outcomes[method] = pd.DataFrame({"nll_before": before, "nll_after": before + delta,
+                                         "nll_delta": delta}, index=index)
+    baselines = pd.DataFrame({"loss": -scaled + rng.normal(0, 0.1, len(ids)),
+                              "random": rng.uniform(size=len(ids))}, index=index)
+    texts = pd.DataFrame({"id": [s.id for s in samples],
+                          "question": [s.question for s in samples],
+                          "answer": [s.answer for s in samples]})
+    inputs = ReportInputs(graph=graph, ids=ids, circuits=circuits.numpy(),
+                          edge_scores=scores.numpy(), cud=cud_table,
+                          anchors={"easy": easy, "hard": hard},
+                          anchor_circuits={"easy": anchor_circuits[0].numpy(),
+                                           "hard": anchor_circuits[1].numpy()},
+                          outcomes=outcomes, baselines=baselines, samples=texts)
+    out = tmp_path_factory.mktemp("report")
+    # 10 hardest + 10 easiest of 20: every sample text is in the report
+    report = build_report(inputs, out, draw=[ids[0], ids[-1]], n_extremes=10)
+    return {"inputs": inputs, "report": report, "out": out, "samples": samples,
+            "scores": scores, "circuits": circuits, "selection": selection, "lm": lm}
+
+
+FULL = ["distribution", "outcomes", "roc", "structure", "circuits", "extremes"]
+
+
+def embedded_images(page: str) -> list[tuple[str, bytes]]:
+    found = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]*)"', page)
+    return [(alt, base64.b64decode(data)) for data, alt in found]
+
+
+def test_full_report_has_every_section_and_figure(run):
+    report = run["report"]
+    assert report.sections == FULL and report.notes == []
+    assert report.html.name == "report.html"
+    expected = {"cud_distribution", "cud_vs_outcome", "roc_curves", "anchor_heatmaps",
+                "anchor_structure"}
+    assert expected <= set(report.figures)
+    assert sum(name.startswith("circuit_") for name in report.figures) == 2
+    page = report.html.read_text(encoding="utf-8")
+    images = embedded_images(page)
+    assert len(images) == len(report.figures) == page.count("<img ")
+    for alt, png in images:
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert report.figures[alt].read_bytes() == png       # the PNG file is the same figure
+
+
+def test_report_is_self_contained_and_escapes_text(run):
+    page = run["report"].html.read_text(encoding="utf-8")
+    assert not re.search(r"(src|href)=\"(?!data:|#)", page)
+    assert "http://" not in page and "https://" not in page
+    assert "<link" not in page and "<script" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_report_numbers_follow_the_inputs(run):
+    report = run["report"]
+    # outcomes were made to fall with CUD: a strongly negative rho(CUD, forgetting) for both
+    # outcome definitions, on the samples that are not anchors
+    table = report.tables["validation"]
+    assert set(table["outcome"]) == {"nll_after", "nll_delta"}
+    assert set(table["method"]) == set(METHODS)
+    delta = table[table["outcome"] == "nll_delta"]
+    assert (delta["rho(CUD, forgetting)"] < -0.5).all()
+    assert (table["n"] == 20 - 6).all()
+    # CUD finds the hard samples far better than chance; 'loss' (made to fall with CUD) only
+    # when negated, and the table says so
+    auc = report.tables["roc_auc"]
+    assert (auc.loc["cud"] > 0.8).all()
+    assert "-loss" in auc.index and "loss" not in auc.index
+    assert (report.html.parent / "tables" / "roc_auc.csv").is_file()
+    hardest = report.tables["hardest"]
+    assert hardest["CUD"].is_monotonic_decreasing and len(hardest) == 10
+    assert (hardest["question"] != "").all()
+
+
+def test_roc_table_orients_baselines_but_not_cud():
+    ids = [f"s{i}" for i in range(10)]
+    hard = pd.Series([False] * 5 + [True] * 5, index=ids)
+    scores = pd.DataFrame({"cud": np.arange(10.0)[::-1], "loss": np.arange(10.0)[::-1]},
+                          index=ids)
+    table = roc_table(scores, {"m": hard}).set_index("score")
+    assert table.loc["cud", "auc"] == 0 and not table.loc["cud", "negated"]
+    assert table.loc["loss", "auc"] == 1 and table.loc["loss", "negated"]
+
+
+def test_missing_inputs_leave_sections_out_with_a_note(run, tmp_path):
+    only_cud = ReportInputs(cud=run["inputs"].cud)
+    report = build_report(only_cud, tmp_path)
+    assert report.sections == ["distribution", "extremes"]
+    assert len(report.notes) == 5
+    page = report.html.read_text(encoding="utf-8")
+    assert "Not in this report" in page and "no circuits" in page
+    assert len(embedded_images(page)) == len(report.figures) == 1
+
+
+def test_figures_are_figures(run):
+    inputs = run["inputs"]
+    graph = inputs.graph
+    fig = layer_heatmaps(graph, inputs.anchor_circuits)
+    assert isinstance(fig, Figure)
+    assert len([ax for ax in fig.axes if ax.get_label() != "<colorbar>"]) == 3
+    drawing = circuit_drawing(graph, inputs.circuits[0], inputs.edge_scores[0], title="x")
+    assert f"({int(inputs.circuits[0].sum())} edges" in drawing.axes[0].get_title()
+    with pytest.raises(ValueError):
+        circuit_drawing(graph, np.zeros(graph.n_edges + 1, dtype=bool))
+
+
+# --- headless Chromium ---------------------------------------------------------------------------
+
+CHECK = """<script>window.addEventListener('load', function () {
+  var imgs = Array.from(document.images);
+  var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+  var out = document.createElement('pre'); out.id = 'img-check';
+  out.textContent = 'IMG-CHECK ' + (imgs.length - bad.length) + '/' + imgs.length + ' BAD['
+    + bad.map(function (i) { return i.alt; }).join(',') + ']';
+  document.body.appendChild(out);
+});</script>"""
+
+
+def find_chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    path = find_chromium()
+    if path is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True,
+                       capture_output=True, timeout=1200)
+        path = find_chromium()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is needed to check the report in CI (.ci/run installs it)")
+        pytest.skip("chromium is not installed and cannot be installed here (needs root and "
+                    "apt-get: apt-get install chromium)")
+    return path
+
+
+def load_in_chromium(chromium, html_path, tmp_path):
+    """Open a copy of the page (with the check script added) headless; -> (loaded, total, bad)."""
+    page = html_path.read_text(encoding="utf-8").replace("</body>", CHECK + "</body>")
+    probe = tmp_path / f"probe-{html_path.stem}.html"
+    probe.write_text(page, encoding="utf-8")
+    result = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                             "--disable-dev-shm-usage", "--virtual-time-budget=15000",
+                             "--dump-dom", probe.as_uri()],
+                            capture_output=True, text=True, timeout=180)
+    found = re.search(r'<pre id="img-check">IMG-CHECK (\d+)/(\d+) BAD\[([^\]]*)\]</pre>',
+                      result.stdout)
+    assert found, f"chromium gave no check result (rc {result.returncode}): " \
+                  f"{result.stderr[-2000:]}"
+    return int(found[1]), int(found[2]), [b for b in found[3].split(",") if b]
+
+
+def test_every_figure_loads_in_headless_chromium(run, chromium, tmp_path):
+    report = run["report"]
+    loaded, total, bad = load_in_chromium(chromium, report.html, tmp_path)
+    assert bad == [] and loaded == total == len(report.figures)
+
+
+def test_the_chromium_check_sees_a_broken_figure(run, chromium, tmp_path):
+    page = run["report"].html.read_text(encoding="utf-8")
+    broken = page.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAAiVBOR", 1)
+    assert broken != page
+    path = tmp_path / "broken.html"
+    path.write_text(broken, encoding="utf-8")
+    loaded, total, bad = load_in_chromium(chromium, path, tmp_path)
+    assert total == len(run["report"].figures) and loaded == total - 1 and len(bad) == 1
+
+
+# --- the commands, on folders as the other commands write them -------------------------------
+
+@pytest.fixture(scope="module")
+def folders(run, tmp_path_factory):
+    from cud.difficulty.anchors import anchors_from_ids, anchor_circuits
+    from cud.difficulty.score import score_samples
+    from cud.runtime.store import CircuitStore, text_hash
+    from cud.unlearning.outcomes import save_table
+
+    root = tmp_path_factory.mktemp("folders")
+    inputs = run["inputs"]
+    store = CircuitStore.open(root / "circuits", {"test": 1}, inputs.graph)
+    store.write_batch(inputs.ids, run["scores"], run["circuits"],
+                      [{"text_hash": text_hash(s.question, s.answer)} for s in run["samples"]])
+    store.finalize(inputs.ids)
+    anchor_set = anchors_from_ids(inputs.anchors["easy"], inputs.anchors["hard"])
+    ac = anchor_circuits(anchor_set, inputs.ids, run["scores"], inputs.graph, run["selection"])
+    ac.save(root / "anchors")
+    scores = pd.concat([score_samples(inputs.ids, run["scores"], ac, distance_name=d)
+                        for d in ("cosine", "jaccard")])
+    (root / "scores").mkdir()
+    scores.to_parquet(root / "scores" / "scores.parquet", index=False)
+    for method, table in inputs.outcomes.items():
+        save_table(table, root / "unlearn" / method / "outcomes")
+    save_table(inputs.baselines, root / "baselines" / "baselines")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": s.id, "question": s.question, "answer": s.answer})
+                            + "\n" for s in run["samples"]))
+    return root
+
+
+def invoke(*args):
+    from cud.cli import app
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_load_report_inputs(folders):
+    inputs = load_report_inputs(circuits=folders / "circuits", cud=folders / "scores",
+                                distance="jaccard", anchors=folders / "anchors",
+                                unlearn=folders / "unlearn", baselines=folders / "baselines",
+                                data=str(folders / "data.jsonl"))
+    assert inputs.has_circuits and set(inputs.anchor_circuits) == {"easy", "hard"}
+    assert not inputs.cud.index.duplicated().any() and (inputs.cud["distance"] == "jaccard").all()
+    assert set(inputs.outcomes) == set(METHODS)
+    assert list(inputs.baselines.columns) == ["loss", "random"]
+    assert inputs.samples.loc[inputs.ids[0], "answer"]
+    # anchors from the scores' anchor_role column when no anchors are given
+    fallback = load_report_inputs(cud=folders / "scores")
+    assert sorted(fallback.anchors["easy"]) == sorted(inputs.anchors["easy"])
+
+
+def test_analyze_command(folders, tmp_path):
+    out = tmp_path / "analysis"
+    result = invoke("analyze", "--circuits", folders / "circuits", "--scores", folders / "scores",
+                    "--anchors", folders / "anchors", "--outcomes", folders / "unlearn",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "edge_span_mean ↑" in result.output and "anchors" in result.output
+    stats = pd.read_parquet(out / "structure.parquet")
+    assert len(stats) == 20 and "path_longest" in stats.columns
+    rho = pd.read_csv(out / "correlations.csv")
+    assert set(rho["target"]) == {"cud"} | {f"{m} {o}" for m in METHODS
+                                            for o in ("nll_after", "nll_delta")}
+    assert (out / "compare_anchors.csv").is_file() and (out / "compare_cud.csv").is_file()
+
+
+def test_report_command(folders, tmp_path):
+    out = tmp_path / "rep"
+    result = invoke("report", "--circuits", folders / "circuits", "--scores", folders / "scores",
+                    "--anchors", folders / "anchors", "--outcomes", folders / "unlearn",
+                    "--baselines", folders / "baselines", "--data", folders / "data.jsonl",
+                    "--top", 3, "--out", out)
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text(encoding="utf-8")
+    pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert len(embedded_images(page)) == len(pngs) >= 7
+    for section in FULL:
+        assert f'<section id="{section}">' in page
+
+
+def test_commands_fail_on_one_line(folders, tmp_path):
+    result = invoke("analyze", "--circuits", tmp_path / "nope")
+    assert result.exit_code == 2
+    assert "error:" in result.output and "no such circuits folder" in result.output
+    result = invoke("report", "--scores", folders / "scores", "--distance", "manhattan",
+                    "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "manhattan" in result.output
+    result = invoke("report", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "nothing to report" in result.output
