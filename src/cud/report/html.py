@@ -272,7 +272,9 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
                  "ROC curves of CUD (black) and the baselines; AUROC in the legend.")
         table = F.roc_table(scores, hard)
         table["score"] = [("-" if n else "") + s for s, n in zip(table["score"], table["negated"])]
-        b.table(table.pivot(index="score", columns="method", values="auc"), name="roc_auc")
+        auc = table.pivot(index="score", columns="method", values="auc")
+        order = list(dict.fromkeys(table["score"]))          # CUD first, as in the scores
+        b.table(auc.reindex(index=order, columns=list(hard)), name="roc_auc")
         b.end()
     else:
         b.skip("ROC curves", "needs unlearning outcomes and CUD or baseline scores")
@@ -399,7 +401,8 @@ def _structure_section(b: _Builder, inputs: ReportInputs, anchors, stats, cud, f
             b.text(f"<p>Verdicts over the statistics with a claim:</p><ul>{items}</ul>")
     b.text("<p class='muted'>Definitions: edge span = reader layer - writer layer (input = -1, "
            "logits = L); path length = edges on an input-to-logits path; last third = the last "
-           "max(1, round(L/3)) layers (and logits, for edges). See <code>cud.circuits.structure</code>.</p>")
+           "max(1, round(L/3)) layers (and logits, for edges). See "
+           "<code>cud.circuits.structure</code>.</p>")
     b.end()
 
 
@@ -419,8 +422,9 @@ def _drawings(b: _Builder, inputs: ReportInputs, cud, held, draw) -> None:
         raise DataError(f"no circuit for sample id(s) {', '.join(unknown[:5])} to draw")
     b.section("circuits", "Circuits of single samples",
               "Layers as rows (input at the bottom, logits on top); heads then the MLP along each "
-              "row, the MLP drawn a little higher (it reads its layer's heads unless the model runs them in parallel). Line "
-              "colour = how the edge is read; width = |edge score|.")
+              "row, the MLP drawn a little higher (it reads its layer's heads unless the model "
+              "runs them in parallel). Line colour = how the edge is read; width = |edge "
+              "score|.")
     circuits, scores = _numpy(inputs.circuits), _numpy(inputs.edge_scores)
     for sample_id in draw:
         k = where[sample_id]
