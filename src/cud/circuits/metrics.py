@@ -53,10 +53,15 @@ class AnswerTargets:
 
 
 def binary_kl(p_clean: Tensor, p: Tensor) -> Tensor:
-    """KL(Bernoulli(p_clean) || Bernoulli(p)), elementwise."""
-    pc = p_clean.clamp(EPS, 1 - EPS)
-    q = p.clamp(EPS, 1 - EPS)
-    return pc * (pc.log() - q.log()) + (1 - pc) * ((1 - pc).log() - (1 - q).log())
+    """KL(Bernoulli(p_clean) || Bernoulli(p)), elementwise, in ``p``'s dtype.
+
+    Computed in float64: near p = p_clean its two terms cancel to first order, and float32
+    leaves only rounding noise for the second-order remainder (e.g. a change of 1e-4 in log p).
+    """
+    pc = p_clean.double().clamp(EPS, 1 - EPS)
+    q = p.double().clamp(EPS, 1 - EPS)
+    kl = pc * (pc.log() - q.log()) + (1 - pc) * (torch.log1p(-pc) - torch.log1p(-q))
+    return kl.to(p.dtype)
 
 
 def metric_value(name: str, mean_logprob: Tensor, clean_mean_logprob: Tensor | None = None
@@ -72,5 +77,7 @@ def metric_value(name: str, mean_logprob: Tensor, clean_mean_logprob: Tensor | N
     if name == "kl":
         if clean_mean_logprob is None:
             raise ValueError("the kl metric needs the clean run's mean log-probability")
-        return binary_kl(clean_mean_logprob.exp().detach(), mean_logprob.exp())
+        # exp in float64 too: float32 exp/log round-trips blur log p by ~1e-7 * |log p|
+        kl = binary_kl(clean_mean_logprob.detach().double().exp(), mean_logprob.double().exp())
+        return kl.to(mean_logprob.dtype)
     raise ValueError(f"unknown metric '{name}' (choose from {', '.join(METRICS)})")
