@@ -35,11 +35,11 @@ Definitions:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
 
 from cud.circuits.graph import Graph
 
@@ -61,8 +61,6 @@ STATISTICS: dict[str, tuple[str, int]] = {
     "path_shortest": ("edges on the shortest input-to-logits path", 0),
 }
 
-_CHUNK = 64  # circuits per block: bounds the (chunk, E) float work arrays
-
 
 def as_circuits(circuits, graph: Graph) -> np.ndarray:
     """(N, E) or (E,) bool/float array or tensor -> (N, E) numpy bool (nonzero = in the circuit)."""
@@ -74,7 +72,23 @@ def as_circuits(circuits, graph: Graph) -> np.ndarray:
     if array.ndim != 2 or array.shape[1] != graph.n_edges:
         raise ValueError(f"circuits must be (N, {graph.n_edges}) for this graph, "
                          f"got {tuple(np.shape(circuits))}")
-    return array != 0
+    return array if array.dtype == bool else array != 0
+
+
+@dataclass(frozen=True)
+class _Members:
+    """Every (circuit, edge) pair of N circuits. A circuit holds few of the graph's edges, so
+    every statistic is a bincount over these pairs rather than an (N, E) product."""
+
+    n: int
+    rows: np.ndarray       # (M,) which circuit
+    edges: np.ndarray      # (M,) which edge
+
+    @classmethod
+    def of(cls, graph: Graph, circuits) -> "_Members":
+        circuits = as_circuits(circuits, graph)
+        rows, edges = np.nonzero(circuits)
+        return cls(len(circuits), rows, edges)
 
 
 def last_third_layers(n_layers: int) -> np.ndarray:
@@ -93,61 +107,44 @@ def edge_layer(graph: Graph) -> np.ndarray:
     return graph.backward_layer[graph.edge_child]
 
 
-def _incidence(groups: np.ndarray, n_groups: int) -> sparse.csr_matrix:
-    """(len(groups), n_groups) 0/1 sparse matrix; a negative group is left out."""
-    keep = np.nonzero(groups >= 0)[0]
-    return sparse.csr_matrix((np.ones(len(keep), dtype=np.float32), (keep, groups[keep])),
-                             shape=(len(groups), n_groups))
+def _reader_node(graph: Graph, edges: np.ndarray) -> np.ndarray:
+    """Forward index of the node that reads each edge; ``logits`` as n_forward."""
+    owner = graph.backward_owner[graph.edge_child[edges]]
+    return np.where(owner < 0, graph.n_forward, owner)
 
 
-def _group_counts(block: np.ndarray, incidence: sparse.csr_matrix) -> np.ndarray:
-    """(n, E) bool @ (E, G) incidence -> (n, G) counts."""
-    return np.asarray((incidence.T @ block.T.astype(np.float32)).T)
-
-
-def _node_incidence(graph: Graph) -> tuple[sparse.csr_matrix, sparse.csr_matrix]:
-    """(E, F) incidences of each edge's parent and of its reader's owner (logits left out)."""
-    cache = graph._cache
-    if "structure_node_incidence" not in cache:
-        owner = graph.backward_owner[graph.edge_child]
-        cache["structure_node_incidence"] = (_incidence(graph.edge_parent, graph.n_forward),
-                                             _incidence(owner, graph.n_forward))
-    return cache["structure_node_incidence"]
+def _node_membership(graph: Graph, m: _Members) -> np.ndarray:
+    out = np.zeros((m.n, graph.n_forward + 1), dtype=bool)
+    out[m.rows, graph.edge_parent[m.edges]] = True
+    out[m.rows, _reader_node(graph, m.edges)] = True
+    return out[:, :-1]                                           # drop logits
 
 
 def node_membership(graph: Graph, circuits) -> np.ndarray:
     """(N, F) bool: which forward nodes each circuit touches (as a parent or as the owner of a
     reader). Column 0 is ``input``; ``logits`` is not a forward node."""
-    circuits = as_circuits(circuits, graph)
-    parent, owner = _node_incidence(graph)
-    out = np.zeros((len(circuits), graph.n_forward), dtype=bool)
-    for start in range(0, len(circuits), _CHUNK):
-        block = circuits[start:start + _CHUNK]
-        out[start:start + _CHUNK] = (_group_counts(block, parent)
-                                     + _group_counts(block, owner)) > 0
-    return out
+    return _node_membership(graph, _Members.of(graph, circuits))
+
+
+def _node_layer_counts(graph: Graph, members: np.ndarray) -> np.ndarray:
+    rows, nodes = np.nonzero(members[:, 1:])                      # drop input
+    layers = graph.forward_layer[1:][nodes]
+    n, size = len(members), graph.n_layers
+    return np.bincount(rows * size + layers, minlength=n * size).reshape(n, size)
 
 
 def node_layer_counts(graph: Graph, circuits) -> np.ndarray:
     """(N, L) int: internal nodes (heads and MLPs) of each circuit per layer."""
-    members = node_membership(graph, circuits)[:, 1:]          # drop input
-    layers = graph.forward_layer[1:]
-    out = np.zeros((len(members), graph.n_layers), dtype=np.int64)
-    for layer in range(graph.n_layers):
-        out[:, layer] = members[:, layers == layer].sum(1)
-    return out
+    return _node_layer_counts(graph, node_membership(graph, circuits))
 
 
 def edge_layer_counts(graph: Graph, circuits) -> np.ndarray:
     """(N, L + 1) int: edges of each circuit by the layer of their reader; the last column is
     ``logits``."""
-    circuits = as_circuits(circuits, graph)
-    incidence = _incidence(edge_layer(graph), graph.n_layers + 1)
-    out = np.zeros((len(circuits), graph.n_layers + 1), dtype=np.int64)
-    for start in range(0, len(circuits), _CHUNK):
-        out[start:start + _CHUNK] = np.rint(_group_counts(circuits[start:start + _CHUNK],
-                                                          incidence))
-    return out
+    m = _Members.of(graph, circuits)
+    size = graph.n_layers + 1
+    flat = np.bincount(m.rows * size + edge_layer(graph)[m.edges], minlength=m.n * size)
+    return flat.reshape(m.n, size)
 
 
 def layer_pair_counts(graph: Graph, circuits) -> np.ndarray:
@@ -166,53 +163,42 @@ def layer_pair_counts(graph: Graph, circuits) -> np.ndarray:
         raise ValueError(f"circuits must be (N, {graph.n_edges}) for this graph, "
                          f"got {weights.shape}")
     size = graph.n_layers + 1
-    cell = edge_layer(graph) * size + (graph.forward_layer[graph.edge_parent] + 1)
-    incidence = _incidence(cell, size * size)
-    counts = np.asarray((incidence.T @ weights.T).T)
-    return counts.reshape(len(weights), size, size)
+    rows, edges = np.nonzero(weights)
+    cell = edge_layer(graph)[edges] * size + graph.forward_layer[graph.edge_parent[edges]] + 1
+    flat = np.bincount(rows * size * size + cell, weights=weights[rows, edges],
+                       minlength=len(weights) * size * size)
+    return flat.reshape(len(weights), size, size)
+
+
+def _path_lengths(graph: Graph, m: _Members) -> tuple[np.ndarray, np.ndarray]:
+    # the circuit edges grouped by the node that reads them, nodes in index order, which is
+    # topological (a node reads only nodes of smaller index; logits, at n_forward, reads all)
+    reader = _reader_node(graph, m.edges)
+    order = np.argsort(reader, kind="stable")
+    rows, parents = m.rows[order], graph.edge_parent[m.edges[order]]
+    bounds = np.searchsorted(reader[order], np.arange(graph.n_forward + 2))
+    # longest / shortest path from input to each node's output, for every circuit at once
+    longest = np.full((m.n, graph.n_forward + 1), -np.inf)
+    shortest = np.full((m.n, graph.n_forward + 1), np.inf)
+    longest[:, 0] = shortest[:, 0] = 0
+    for node in range(1, graph.n_forward + 1):
+        a, b = bounds[node], bounds[node + 1]
+        if a == b:
+            continue
+        r, up = rows[a:b], parents[a:b]
+        np.maximum.at(longest[:, node], r, longest[r, up] + 1)
+        np.minimum.at(shortest[:, node], r, shortest[r, up] + 1)
+    hi, lo = longest[:, -1], shortest[:, -1]
+    return np.where(np.isfinite(hi), hi, np.nan), np.where(np.isfinite(lo), lo, np.nan)
 
 
 def path_lengths(graph: Graph, circuits) -> tuple[np.ndarray, np.ndarray]:
     """Longest and shortest input-to-logits path of each circuit, in edges (see the module
     docstring); ((N,), (N,)) float, NaN where a circuit has no such path.
 
-    One pass over the forward nodes in index order, which is topological (a node reads only
-    nodes of smaller index), carrying for every circuit at once the longest and shortest path
-    from ``input`` to each node's output."""
-    circuits = as_circuits(circuits, graph)
-    n = len(circuits)
-    parents = graph.edge_parent
-    into_node = _edges_into_nodes(graph)
-    longest = np.full((n, graph.n_forward), -np.inf)
-    shortest = np.full((n, graph.n_forward), np.inf)
-    longest[:, 0] = shortest[:, 0] = 0
-
-    def step(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        on = circuits[:, edges]
-        up = parents[edges]
-        hi = np.where(on, longest[:, up] + 1, -np.inf).max(1) if len(edges) else \
-            np.full(n, -np.inf)
-        lo = np.where(on, shortest[:, up] + 1, np.inf).min(1) if len(edges) else \
-            np.full(n, np.inf)
-        return hi, lo
-
-    for node in range(1, graph.n_forward):
-        longest[:, node], shortest[:, node] = step(into_node[node])
-    hi, lo = step(graph.incoming_edges[graph.logits_backward])
-    hi = np.where(np.isfinite(hi), hi, np.nan)
-    lo = np.where(np.isfinite(lo), lo, np.nan)
-    return hi, lo
-
-
-def _edges_into_nodes(graph: Graph) -> list[np.ndarray]:
-    """For each forward node, the edges into any of its readers (q, k, v or the MLP input)."""
-    cache = graph._cache
-    if "structure_edges_into_nodes" not in cache:
-        cache["structure_edges_into_nodes"] = [
-            np.concatenate([graph.incoming_edges[b] for b in readers]).astype(np.int64)
-            if len(readers) else np.zeros(0, dtype=np.int64)
-            for readers in graph.readers_of]
-    return cache["structure_edges_into_nodes"]
+    One pass over the nodes in topological order, carrying for every circuit at once the longest
+    and shortest path from ``input`` to each node's output."""
+    return _path_lengths(graph, _Members.of(graph, circuits))
 
 
 def structure_statistics(graph: Graph, circuits, ids: Sequence[str] | None = None
@@ -221,37 +207,34 @@ def structure_statistics(graph: Graph, circuits, ids: Sequence[str] | None = Non
     module docstring). Index: ``ids`` (named ``id``) when given, else 0..N-1.
 
     ``circuits``: (N, E) or (E,) bool (or float: nonzero = in the circuit), numpy or torch."""
-    circuits = as_circuits(circuits, graph)
-    n, n_layers = len(circuits), graph.n_layers
+    m = _Members.of(graph, circuits)
+    n, n_layers = m.n, graph.n_layers
     if ids is not None and len(ids) != n:
         raise ValueError(f"{len(ids)} ids for {n} circuits")
-    span = edge_span(graph).astype(np.float64)
-    reader_layer = edge_layer(graph).astype(np.float64)
-    late_layer = np.append(last_third_layers(n_layers), True)       # + logits
-    late_edge = late_layer[edge_layer(graph)]
+    rows, edges = m.rows, m.edges
+    span = edge_span(graph)[edges].astype(np.float64)
+    reader_layer = edge_layer(graph)[edges]
+    late = np.append(last_third_layers(n_layers), True)[reader_layer]     # + logits
 
-    n_edges = circuits.sum(1).astype(np.float64)
+    def per_circuit(values: np.ndarray) -> np.ndarray:
+        return np.bincount(rows, weights=values, minlength=n)
+
+    n_edges = np.bincount(rows, minlength=n).astype(np.float64)
+    span_max = np.full(n, -np.inf)
+    np.maximum.at(span_max, rows, span)
+    span_max[~np.isfinite(span_max)] = np.nan
     with np.errstate(invalid="ignore", divide="ignore"):
-        span_sum = np.zeros(n)
-        layer_sum = np.zeros(n)
-        late_sum = np.zeros(n)
-        span_max = np.full(n, np.nan)
-        for start in range(0, n, _CHUNK):
-            block = circuits[start:start + _CHUNK]
-            rows = slice(start, start + len(block))
-            span_sum[rows] = block @ span
-            layer_sum[rows] = block @ reader_layer
-            late_sum[rows] = block @ late_edge.astype(np.float64)
-            span_max[rows] = np.where(block, span, -np.inf).max(1)
-        span_max[~np.isfinite(span_max)] = np.nan
+        span_sum = per_circuit(span)
+        layer_sum = per_circuit(reader_layer.astype(np.float64))
+        late_sum = per_circuit(late.astype(np.float64))
 
-        nodes = node_layer_counts(graph, circuits).astype(np.float64)   # (N, L)
+        nodes = _node_layer_counts(graph, _node_membership(graph, m)).astype(np.float64)
         n_nodes = nodes.sum(1)
         layers = np.arange(n_layers, dtype=np.float64)
         present = nodes > 0
         node_min = np.where(present, layers, np.inf).min(1)
         node_max = np.where(present, layers, -np.inf).max(1)
-        longest, shortest = path_lengths(graph, circuits)
+        longest, shortest = _path_lengths(graph, m)
         table = pd.DataFrame({
             "n_edges": n_edges.astype(np.int64),
             "n_nodes": n_nodes.astype(np.int64),
