@@ -108,9 +108,9 @@ class RunConfig:
 #: Named presets: changes applied to the defaults before a config file's own values.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    # a small, complete run: 24 facts, fewer integration steps and unlearning steps
+    # a small, complete run: 40 facts (8 authors), fewer integration steps and unlearning steps
     "quick": {
-        "data": "builtin:24",
+        "data": "builtin:40",
         "finetune": {"epochs": 5, "batch_size": 8},
         "circuits": {"steps": 2, "n_edges": 50, "batch_size": 12},
         "unlearning": {"max_steps": 4, "utility": False},
@@ -226,7 +226,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     name = preset or overrides.get("preset") or data.get("preset") or "default"
     if not isinstance(name, str):
         raise ConfigError(f"{path}: preset must be a string")
-    config = with_preset(name)
+    try:
+        config = with_preset(name)
+    except ConfigError as e:
+        from_file = path and not (preset or overrides.get("preset"))
+        raise ConfigError(f"{path}: {e}" if from_file else str(e)) from None
     config = apply(config, {k: v for k, v in data.items() if k != "preset"}, str(path))
     return apply(config, {k: v for k, v in overrides.items() if k != "preset"},
                  "command line")

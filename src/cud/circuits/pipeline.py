@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import pandas as pd
 import torch
@@ -67,10 +67,12 @@ def model_fingerprint(lm: LoadedModel) -> str:
     but another fingerprint. Config + dtype + a few parameter sums."""
     params = list(lm.model.parameters())
     picks = [params[0], params[len(params) // 2], params[-1]]
-    sums = [f"{p.detach().double().sum().item():.6e}/{p.detach().double().abs().sum().item():.6e}"
-            for p in picks]
-    blob = json.dumps([lm.model.config.to_json_string(use_diff=False), str(lm.dtype), sums,
-                       len(params)])
+    # summed on the CPU, so a driver on the CPU and workers on GPUs agree
+    picks = [p.detach().to("cpu", torch.float64) for p in picks]
+    sums = [f"{p.sum().item():.6e}/{p.abs().sum().item():.6e}" for p in picks]
+    config = {k: v for k, v in lm.model.config.to_dict().items()
+              if k not in ("_name_or_path", "transformers_version", "_commit_hash")}
+    blob = json.dumps([config, str(lm.dtype), sums, len(params)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -93,33 +95,56 @@ def _safe_name(sample_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", sample_id)[:120]
 
 
+def circuit_store(lm: LoadedModel, out: str | Path, settings: CircuitSettings) -> CircuitStore:
+    """Open the folder ``out`` for circuits of ``settings`` on ``lm`` (created, or resumed when it
+    holds results of the same settings and model; refused otherwise)."""
+    store_settings = {"model": lm.name, "model_fingerprint": model_fingerprint(lm),
+                      **settings.to_dict()}
+    return CircuitStore.open(out, store_settings, ResidualRunner(lm.adapter).graph)
+
+
+def plan_batches(lm: LoadedModel, samples: Sequence[QASample], batch_size: int
+                 ) -> list[list[str]]:
+    """The sample ids of each batch an uninterrupted run computes, in order. The plan depends
+    only on the samples, the tokenizer and ``batch_size``, so every worker of a distributed run
+    derives the same one."""
+    encoded = encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
+    return [b.ids for b in batches(encoded, batch_size, lm.pad_token_id)]
+
+
 def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
                   settings: CircuitSettings = CircuitSettings(), *, batch_size: int = 8,
                   reference: Sequence[QASample] | None = None, export_json: bool = False,
-                  progress: Progress | None = None) -> CircuitRun:
+                  progress: Progress | None = None,
+                  only_batches: Collection[int] | None = None) -> CircuitRun:
     """Circuits of every sample of ``samples`` into the folder ``out`` (created or resumed).
 
     ``reference``: samples of the ``mean`` baseline's reference set. ``progress(done, total,
-    info)`` is called after each batch. Returns the per-sample table of these samples."""
+    info)`` is called after each batch. Returns the per-sample table of these samples.
+
+    ``only_batches``: indices into the batch plan (:func:`plan_batches`) to compute, for one
+    worker of a distributed run (:mod:`cud.runtime.distributed`); the other batches are left
+    alone and the folder is not finalized (the driver does it once every worker is done)."""
     start = time.perf_counter()
     runner = ResidualRunner(lm.adapter)
-    graph = runner.graph
-    store_settings = {"model": lm.name, "model_fingerprint": model_fingerprint(lm),
-                      **settings.to_dict()}
-    store = CircuitStore.open(out, store_settings, graph)
+    store = circuit_store(lm, out, settings)
 
     encoded = encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
     hashes = {s.id: text_hash(s.question, s.answer) for s in samples}
-    done = store.done(hashes)
-    pending = [e for e in encoded if e.id not in done]
-    total, n_done = len(encoded), len(encoded) - len(pending)
+    plan = batches(encoded, batch_size, lm.pad_token_id)  # the uninterrupted run's batches
+    if only_batches is not None:
+        wanted = set(only_batches)
+        plan = [b for k, b in enumerate(plan) if k in wanted]
+    mine = {i for b in plan for i in b.ids}
+    done = store.done(hashes) & mine
+    pending = [e for e in encoded if e.id in mine and e.id not in done]
+    total, n_done = len(mine), len(done)
     if progress:
         progress(n_done, total, {"skipped": n_done})
 
     computed = 0
     if pending:
         baseline = _baseline(lm, runner, settings, reference, batch_size)
-        plan = batches(encoded, batch_size, lm.pad_token_id)  # the uninterrupted run's batches
         by_id = {e.id: e for e in pending}
         for batch in plan:
             todo = [i for i in batch.ids if i not in done]
@@ -133,7 +158,11 @@ def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
             n_done += len(todo)
             if progress:
                 progress(n_done, total, {"batch": len(todo)})
-    table = store.finalize([s.id for s in samples])
+    if only_batches is None:
+        table = store.finalize([s.id for s in samples])
+    else:
+        table = store.rows().set_index("id").reindex(
+            [s.id for s in samples if s.id in mine]).reset_index()
     return CircuitRun(Path(out), table, computed, total - computed,
                       time.perf_counter() - start, batch_size)
 

@@ -13,7 +13,7 @@ from typing import Optional
 from cud.cli.app import app, console, fail
 from cud.errors import CudError
 
-from cud.cli import analysis, circuits, difficulty, unlearning  # noqa: F401,E402  (register the commands)
+from cud.cli import analysis, circuits, difficulty, run, unlearning  # noqa: F401,E402  (register the commands)
 
 __all__ = ["app", "main", "fail", "console"]
 

@@ -1,0 +1,98 @@
+"""The main job end to end on a tiny model (quick preset), its config files, and resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cud.config import RunConfig, load_config
+from cud.errors import ConfigError
+from cud.models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    lm = tiny_model("llama", seed=0, num_hidden_layers=3)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_quick_run_ends_with_the_report(model_folder, tmp_path):
+    from cud.cli import app
+
+    config = tmp_path / "run.toml"
+    config.write_text(f'preset = "quick"\nmodel = "{model_folder}"\nout = "{tmp_path / "out"}"\n'
+                      f'[finetune]\ncache_dir = "{tmp_path / "ft"}"\n')
+    result = CliRunner().invoke(app, ["run", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    html = out / "report" / "report.html"
+    assert html.exists() and html.stat().st_size > 10_000
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["seconds"]) == {"data", "model", "circuits", "unlearning", "baselines",
+                                   "validation", "analysis", "report"}
+    assert run["config"]["preset"] == "quick"
+    heldout = pd.read_parquet(out / "validation" / "heldout.parquet")
+    assert {"cud", "loss", "random"} <= set(heldout["metric"])
+    assert set(heldout["method"]) == {"graddiff", "npo"}
+    study = json.loads((out / "validation" / "study.json").read_text())
+    assert not set(study["held_out"]) & set(study["excluded"])
+    scores = pd.read_parquet(out / "scores" / "scores.parquet")
+    assert scores["cud"].between(0, 1).all()
+    forget = pd.read_csv(out / "forget.csv")
+    assert set(scores["id"]) == set(forget["id"])
+    assert (out / "analysis").is_dir() and (out / "anchors").is_dir()
+
+    # a second run reuses every stage's results: the same circuits, outcomes and scores
+    again = CliRunner().invoke(app, ["run", "--config", str(config)])
+    assert again.exit_code == 0, again.output
+    assert pd.read_parquet(out / "scores" / "scores.parquet").equals(scores)
+
+
+def test_config_files_and_their_errors(tmp_path):
+    good = tmp_path / "c.yaml"
+    good.write_text("preset: quick\ncircuits:\n  n_edges: 30\nunlearning:\n  methods: [ga]\n")
+    c = load_config(good)
+    assert c.circuits.n_edges == 30 and c.unlearning.methods == ("ga",)
+    assert c.data == "builtin:40" and c.circuits.steps == 2          # from the preset
+    assert load_config(good, {"model": "m"}).model == "m"              # overrides win
+    assert load_config().circuits == RunConfig().circuits
+    cases = {
+        "unknown.toml": ("[circuits]\nn_edge = 3\n", "unknown key 'circuits.n_edge'"),
+        "type.toml": ("[circuits]\nn_edges = 'many'\n", "circuits.n_edges: expected an integer"),
+        "bad.toml": ("model = \n", "invalid TOML"),
+        "bad.yaml": ("a: [1,\n", "invalid YAML"),
+        "list.yaml": ("- 1\n", "top level must be a table"),
+        "preset.toml": ("preset = 'fast'\n", "unknown preset 'fast'"),
+        "section.toml": ("circuits = 3\n", "[circuits] must be a table"),
+        "config.ini": ("x=1\n", "unknown config format"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_config(path)
+        assert name in str(pytest.raises(ConfigError, load_config, path).value)
+    (tmp_path / "binary.toml").write_bytes(b"model = '\xff'\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(tmp_path / "binary.toml")
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_tofu_spec_reads_forget_and_retain(tmp_path):
+    from cud.workflow import load_forget_retain
+
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(6)]
+    (tmp_path / "forget01.json").write_text(json.dumps(rows[:3]))
+    (tmp_path / "retain99.json").write_text("\n".join(json.dumps(r) for r in rows[3:]))
+    forget, retain = load_forget_retain(RunConfig(data=f"tofu:{tmp_path}:forget01:retain99"))
+    assert [s.answer for s in forget] == ["A0.", "A1.", "A2."] and len(retain) == 3
+    assert all(s.extra.get("perturbed_answer") for s in forget)
+    with pytest.raises(Exception, match="no such TOFU folder"):
+        load_forget_retain(RunConfig(data=f"tofu:{tmp_path / 'nope'}"))
