@@ -24,13 +24,6 @@ from cud.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-IG_INPUTS_BUG = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="src bug (runner.py, interpolate): with input_only the input node's output is a "
-           "tensor without grad, so layer-0 reader inputs do not require grad and "
-           "autograd.grad fails: every eap-ig-inputs run crashes")
-
-
 # Helpers ------------------------------------------------------------------------------------
 def encode(lm, samples) -> Batch:
     return collate(encode_samples(lm.tokenizer, samples), lm.pad_token_id)
@@ -114,7 +107,7 @@ def test_eap_score_is_the_derivative_of_the_patched_metric(family, make_lm, qa_s
 
 
 @pytest.mark.parametrize("method", ["eap-ig-activations",
-                                    pytest.param("eap-ig-inputs", marks=IG_INPUTS_BUG)])
+                                    "eap-ig-inputs"])
 def test_one_step_integrated_gradients_is_eap(method, family, make_lm, qa_samples):
     """With one step the only point of the path is the clean run (alpha = 1)."""
     lm = make_lm(family)
@@ -127,7 +120,6 @@ def test_one_step_integrated_gradients_is_eap(method, family, make_lm, qa_sample
     assert (ig.edge_scores - eap.edge_scores).abs().max() <= 1e-6 * scale
 
 
-@IG_INPUTS_BUG
 def test_eap_ig_inputs_is_complete(family, make_lm, qa_samples):
     """Integrated gradients over the input embeddings: the input node's edge scores add up to
     the effect of patching the whole input node, M(input patched) - M(clean), up to the
@@ -217,7 +209,7 @@ def baselines_for(make_lm, qa_samples):
     ("eap", "logprob"),
     ("eap-ig-activations", "kl"),
     ("eap-ig-activations", "logprob"),
-    pytest.param("eap-ig-inputs", "kl", marks=IG_INPUTS_BUG),
+    ("eap-ig-inputs", "kl"),
 ])
 def test_batched_scores_equal_one_sample_at_a_time(method, metric, baseline, family, make_lm,
                                                    qa_samples, baselines_for):

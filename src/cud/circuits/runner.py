@@ -86,7 +86,8 @@ class ResidualRunner:
             target = base + interpolation.alpha * (clean - base)
             target = target.reshape(z.shape)
             if is_input and interpolation.input_only:
-                return target  # nothing upstream of the input: no gradient to route
+                # nothing upstream of the input: the gradient starts here
+                return target.requires_grad_()
             return z + (target - z).detach()
 
         def store(z: Tensor, f0: int, f1: int) -> None:
