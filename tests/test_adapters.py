@@ -219,9 +219,6 @@ def test_supported_model_types_and_unsupported_ones():
         adapter_for(SimpleNamespace(config=SimpleNamespace(model_type="opt")))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="src bug: the llama adapter ignores Mistral's sliding_window, so "
-                          "sequences longer than the window are attended in full")
 def test_mistral_sliding_window_shorter_than_the_sequence(qa_samples, randomise):
     lm = other_model("mistral", randomise, sliding_window=16)
     batch = collate(encode_samples(lm.tokenizer, qa_samples[:4]), lm.pad_token_id)
@@ -230,3 +227,15 @@ def test_mistral_sliding_window_shorter_than_the_sequence(qa_samples, randomise)
         ours = ResidualRunner(lm.adapter).run(batch.input_ids, batch.attention_mask).logits
     diff = max_diff_on_real_tokens(ours, hf_logits(lm, batch).logits, batch.attention_mask)
     assert diff <= ATOL, f"runner and HF differ by {diff:.2e} with a sliding window"
+
+
+def test_qwen2_sliding_window_on_some_layers_only(qa_samples, randomise):
+    lm = other_model("qwen2", randomise, use_sliding_window=True, sliding_window=12,
+                     max_window_layers=1)
+    assert lm.adapter.sliding_layers and len(lm.adapter.sliding_layers) < lm.adapter.n_layers
+    batch = collate(encode_samples(lm.tokenizer, qa_samples[:4]), lm.pad_token_id)
+    assert batch.input_ids.shape[1] > 12
+    with torch.no_grad():
+        ours = ResidualRunner(lm.adapter).run(batch.input_ids, batch.attention_mask).logits
+    diff = max_diff_on_real_tokens(ours, hf_logits(lm, batch).logits, batch.attention_mask)
+    assert diff <= ATOL, f"runner and HF differ by {diff:.2e} with a per-layer sliding window"

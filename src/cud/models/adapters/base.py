@@ -26,6 +26,8 @@ class AttentionContext:
 
     mask: Tensor
     rotary: tuple[Tensor, Tensor] | None = None
+    #: the mask of sliding-window layers (Mistral, Qwen2), when the model has any
+    sliding_mask: Tensor | None = None
 
 
 class ResidualAdapter(ABC):

@@ -4,6 +4,8 @@ its own k and v inputs in the graph, as in the reference setup."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -25,6 +27,29 @@ class LlamaAdapter(ResidualAdapter):
         self.n_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.d_model = cfg.hidden_size
         self.head_dim = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
+
+        self.window = getattr(cfg, "sliding_window", None)
+        layer_types = getattr(cfg, "layer_types", None)
+        if not self.window:
+            self.sliding_layers = frozenset()
+        elif layer_types:
+            self.sliding_layers = frozenset(i for i, kind in enumerate(layer_types)
+                                            if kind == "sliding_attention")
+        elif cfg.model_type == "qwen2":
+            first = getattr(cfg, "max_window_layers", self.n_layers)
+            self.sliding_layers = frozenset(range(first, self.n_layers)) \
+                if getattr(cfg, "use_sliding_window", False) else frozenset()
+        else:  # Mistral: every layer
+            self.sliding_layers = frozenset(range(self.n_layers))
+
+    def context(self, attention_mask: Tensor) -> AttentionContext:
+        ctx = super().context(attention_mask)
+        t = attention_mask.shape[1]
+        if self.sliding_layers and t > self.window:
+            pos = torch.arange(t, device=attention_mask.device)
+            near = (pos[:, None] - pos[None, :]) < self.window  # query i sees key j > i - window
+            ctx.sliding_mask = ctx.mask & near[None, None]
+        return ctx
 
     def rotary(self, seq_len, device):
         emb = self.backbone.embed_tokens.weight
@@ -58,6 +83,8 @@ class LlamaAdapter(ResidualAdapter):
         v = self._project_heads(xn[:, :, 2], wv, bv)
         cos, sin = ctx.rotary
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if ctx.sliding_mask is not None and layer in self.sliding_layers:
+            ctx = replace(ctx, mask=ctx.sliding_mask)
         o = self._attend(q, k, v, ctx, scale=self.head_dim ** -0.5)
         w_out = attn.o_proj.weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
         return self._heads_out(o, w_out)
