@@ -37,6 +37,11 @@ def circuits(
                                                    "[default: fp32 on CPU, bf16 on GPU]."),
     export_json: bool = typer.Option(False, help="Also write every circuit as EAP-IG JSON "
                                                  "(OUT/json/<id>.json)."),
+    workers: int = typer.Option(1, help="Ray workers to shard the batches over (1: this "
+                                        "process; needs cud[ray] otherwise)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run on ('auto', "
+                                                         "'ray://host:10001'); OUT must be on "
+                                                         "storage every node shares."),
 ):
     """Find every sample's circuit (EAP-IG) and write scores, circuits and faithfulness to OUT."""
     from cud.circuits.attribution import AttributionSettings
@@ -47,6 +52,8 @@ def circuits(
     try:
         if batch_size < 1:
             fail(f"--batch-size must be at least 1, got {batch_size}")
+        if workers < 1:
+            fail(f"--workers must be at least 1, got {workers}")
         settings = CircuitSettings(
             attribution=AttributionSettings(method=method, steps=steps, metric=metric),
             selection=SelectionSettings(selection=selection, n_edges=n_edges,
@@ -54,16 +61,25 @@ def circuits(
             baseline=baseline, reference=reference, seed=seed, faithfulness=faithful)
         samples = load_qa(data, split=split, limit=limit)
         ref = load_qa(reference) if reference else None
-        lm = load(model, device, dtype)
+        distributed = workers > 1 or ray_address is not None
+        lm = None if distributed else load(model, device, dtype)
         with progress_bar() as bar:
             task = bar.add_task("circuits", total=len(samples), info="")
 
             def update(done: int, total: int, info: dict) -> None:
-                note = f"{info['skipped']} already done" if "skipped" in info else ""
+                note = f"{info['skipped']} already done" if "skipped" in info else \
+                    f"{info['workers']} workers" if "workers" in info else ""
                 bar.update(task, completed=done, total=total, info=note)
 
-            run = find_circuits(lm, samples, out, settings, batch_size=batch_size,
-                                reference=ref, export_json=export_json, progress=update)
+            if distributed:
+                from cud.runtime.distributed import find_circuits_distributed
+                run = find_circuits_distributed(
+                    model, samples, out, settings, workers=workers, address=ray_address,
+                    device=device, dtype=dtype, batch_size=batch_size, reference=ref,
+                    export_json=export_json, progress=update)
+            else:
+                run = find_circuits(lm, samples, out, settings, batch_size=batch_size,
+                                    reference=ref, export_json=export_json, progress=update)
     except CudError as e:
         fail(str(e))
     _summary(run, settings)

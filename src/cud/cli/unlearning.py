@@ -219,6 +219,11 @@ def baselines(
                                         help="Fine-tune --model on --data first (cached)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... [default: GPU if any]."),
     out: str = typer.Option("cud-baselines", help="Output folder (resumable)."),
+    workers: int = typer.Option(1, help="Ray workers to shard the samples over (1: this "
+                                        "process; needs cud[ray] otherwise)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run on ('auto', "
+                                                         "'ray://host:10001'); OUT must be on "
+                                                         "storage every node shares."),
 ):
     """Baseline difficulty metrics of each sample before unlearning (loss, MRD, ...)."""
     from pathlib import Path
@@ -230,14 +235,19 @@ def baselines(
 
     wanted = list(BASELINES) if metrics == "all" else [m.strip() for m in metrics.split(",")]
     out_dir = Path(out)
+    if workers < 1:
+        fail(f"--workers must be at least 1, got {workers}")
+    distributed = workers > 1 or ray_address is not None
+    dtype = "float32" if "mrd" in wanted else None
     try:
         samples = samples_for(data, split, limit)
         if finetune_first:
-            lm = run_finetune(model, samples, finetune_config(None, None, None, False, None,
-                                                                None),
-                               None, device, False).model
-        else:
-            lm = load(model, device, dtype="float32" if "mrd" in wanted else None)
+            ft = run_finetune(model, samples, finetune_config(None, None, None, False, None,
+                                                               None),
+                              None, device, False, keep_model=not distributed)
+            lm, model = ft.model, str(ft.path)
+        elif not distributed:
+            lm = load(model, device, dtype=dtype)
         with progress_bar() as bar:
             tasks = {}
 
@@ -246,9 +256,18 @@ def baselines(
                     tasks[name] = bar.add_task(name, total=total, info="")
                 bar.update(tasks[name], completed=done)
 
-            table = baseline_metrics(lm, samples, metrics=wanted, min_k=min_k, mrd_sigma=mrd_sigma,
-                                     mrd_k=mrd_k, mrd_tokens=mrd_tokens, seed=seed,
-                                     work_dir=out_dir / ".work", progress=progress)
+            if distributed:
+                from cud.runtime.distributed import baseline_metrics_distributed
+                table = baseline_metrics_distributed(
+                    model, samples, metrics=wanted, min_k=min_k, mrd_sigma=mrd_sigma,
+                    mrd_k=mrd_k, mrd_tokens=mrd_tokens, seed=seed, work_dir=out_dir / ".work",
+                    workers=workers, address=ray_address, device=device, dtype=dtype,
+                    progress=progress)
+            else:
+                table = baseline_metrics(lm, samples, metrics=wanted, min_k=min_k,
+                                         mrd_sigma=mrd_sigma, mrd_k=mrd_k, mrd_tokens=mrd_tokens,
+                                         seed=seed, work_dir=out_dir / ".work",
+                                         progress=progress)
         save_table(table, out_dir / "baselines")
     except CudError as e:
         fail(str(e))
