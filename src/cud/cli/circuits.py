@@ -32,9 +32,9 @@ def circuits(
     batch_size: int = typer.Option(8, help="Samples per pass (lowered on GPU out-of-memory)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
     seed: int = typer.Option(0, help="Seed of the corrupt baseline."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 [default: GPU if any]."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: GPU if any)."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 "
-                                                   "[default: fp32 on CPU, bf16 on GPU]."),
+                                                   "(default: fp32 on CPU, bf16 on GPU)."),
     export_json: bool = typer.Option(False, help="Also write every circuit as EAP-IG JSON "
                                                  "(OUT/json/<id>.json)."),
     workers: int = typer.Option(1, help="Ray workers to shard the batches over (1: this "

@@ -83,8 +83,8 @@ def anchors(
     outcomes: Optional[str] = typer.Option(None, help="`cud unlearn` output folder: anchors "
                                                       "from the methods' outcomes."),
     method: Optional[str] = typer.Option(None, help="Methods to vote (comma-separated) "
-                                                    "[default: every method in --outcomes; "
-                                                    "with --bilevel: graddiff]."),
+                                                    "(default: every method in --outcomes; "
+                                                    "with --bilevel: graddiff)."),
     k: int = typer.Option(5, help="Anchors per method and side (top and bottom k)."),
     vote: str = typer.Option("majority", help="majority, any, all, or a number of methods."),
     outcome: str = typer.Option("nll_after", help="Outcome ranked: <metric>_after, "
@@ -100,8 +100,8 @@ def anchors(
                                                    "unlearning."),
     data: str = typer.Option("builtin", help="With --bilevel: the QA data (forget + retain)."),
     forget_fraction: float = typer.Option(0.5, help="With --bilevel: as `cud unlearn`."),
-    n_edges: Optional[int] = typer.Option(None, help="Anchor circuit size [default: the "
-                                                     "circuits' own]."),
+    n_edges: Optional[int] = typer.Option(None, help="Anchor circuit size (default: the "
+                                                     "circuits' own)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (with --bilevel)."),
     out: str = typer.Option("cud-anchors", help="Output folder."),
 ):
@@ -169,8 +169,8 @@ def score(
     distance: str = typer.Option("cosine", help="cosine, jaccard, hamming, or 'all'."),
     weighted: bool = typer.Option(False, help="Compare score-weighted circuits instead of "
                                               "binary ones."),
-    n_edges: Optional[int] = typer.Option(None, help="Circuit size for both sides [default: "
-                                                     "the anchors']."),
+    n_edges: Optional[int] = typer.Option(None, help="Circuit size for both sides (default: "
+                                                     "the anchors')."),
     out: str = typer.Option("cud-scores", help="Output folder."),
 ):
     """Score samples: CUD = d_E / (d_E + d_H), high = hard, no unlearning needed."""
@@ -222,9 +222,9 @@ def validate(
     outcomes: str = typer.Option(..., help="`cud unlearn` output folder (per-method outcomes)."),
     baselines: Optional[str] = typer.Option(None, help="`cud baselines` folder or table."),
     method: Optional[str] = typer.Option(None, help="Methods to judge against (comma list) "
-                                                    "[default: all in --outcomes]."),
-    anchors: Optional[str] = typer.Option(None, help="Main anchors folder [default: a vote of "
-                                                     "the methods]."),
+                                                    "(default: all in --outcomes)."),
+    anchors: Optional[str] = typer.Option(None, help="Main anchors folder (default: a vote of "
+                                                     "the methods)."),
     k: int = typer.Option(5, help="Anchors per method and side."),
     vote: str = typer.Option("majority", help="majority, any, all, or a number."),
     anchor_outcome: str = typer.Option("nll_after", help="Outcome anchors are ranked by."),

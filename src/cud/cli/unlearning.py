@@ -19,15 +19,15 @@ def finetune(
                                               "or a dataset folder."),
     split: Optional[str] = typer.Option(None, help="Split of a dataset folder."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate [default: 3e-4]."),
-    epochs: Optional[float] = typer.Option(None, help="Epochs [default: 6]."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size [default: 10]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 3e-4)."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs (default: 6)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default: 10)."),
     lora: bool = typer.Option(False, "--lora/--full", help="LoRA (merged) or full fine-tuning."),
-    lora_r: Optional[int] = typer.Option(None, help="LoRA rank [default: 16]."),
-    seed: Optional[int] = typer.Option(None, help="Seed [default: 0]."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 [default: GPU if any]."),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank (default: 16)."),
+    seed: Optional[int] = typer.Option(None, help="Seed (default: 0)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: GPU if any)."),
     cache_dir: Optional[str] = typer.Option(None, help="Folder of fine-tuned models "
-                                                       "[default: ~/.cache/cud/finetuned]."),
+                                                       "(default: ~/.cache/cud/finetuned)."),
     force: bool = typer.Option(False, help="Train even when a cached folder exists."),
     out: Optional[str] = typer.Option(None, help="Also write the per-sample memorisation "
                                                  "table here (Parquet and CSV)."),
@@ -77,7 +77,7 @@ def unlearn(
     preset: str = typer.Option("quick", help="Hyperparameter preset: quick or paper."),
     param: list[str] = typer.Option([], help="Method hyperparameter NAME=VALUE (repeatable), "
                                              "e.g. alpha=2."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate [default: the preset's]."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the preset's)."),
     epochs: Optional[float] = typer.Option(None, help="Epochs over the forget set."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (wins over epochs)."),
     batch_size: Optional[int] = typer.Option(None, help="Micro-batch size."),
@@ -92,7 +92,7 @@ def unlearn(
     utility: bool = typer.Option(False, help="Also measure model utility (retain + general "
                                              "knowledge) after each method."),
     save_model: bool = typer.Option(False, help="Save each unlearned model in the output."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... [default: GPU if any]."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: GPU if any)."),
     out: str = typer.Option("cud-unlearn", help="Output folder."),
 ):
     """Unlearn a forget set with one or more methods; write per-sample outcomes."""
@@ -217,7 +217,7 @@ def baselines(
     seed: int = typer.Option(0, help="Seed of MRD's noise and of the random ranking."),
     finetune_first: bool = typer.Option(False, "--finetune/--no-finetune",
                                         help="Fine-tune --model on --data first (cached)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... [default: GPU if any]."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: GPU if any)."),
     out: str = typer.Option("cud-baselines", help="Output folder (resumable)."),
     workers: int = typer.Option(1, help="Ray workers to shard the samples over (1: this "
                                         "process; needs cud[ray] otherwise)."),
