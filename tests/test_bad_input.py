@@ -1,4 +1,5 @@
-"""Bad input, through the CLI: every kind is answered by one line ``error: ...`` naming the place
+"""Bad input (data files, model paths, output folders, numbers, options, config files), through
+the CLI: every kind is answered by one line ``error: ...`` naming the place
 (file and line or field, model, folder, option or value) and exit status 2; never a traceback;
 and results computed before the error are still there."""
 
@@ -296,3 +297,31 @@ def test_bad_baselines_option(extra, needles, model_dir, tmp_path):
     result = CliRunner().invoke(app, ["baselines", "--model", str(model_dir), "--data",
                                       "builtin:2", "--out", str(tmp_path / "b"), *extra])
     one_line_error(result, *needles)
+
+
+# --- config files (`cud run --config`) ---------------------------------------------------------
+
+CONFIGS = {
+    "missing_file": (None, ["nope.toml", "no such config file"]),
+    "invalid_toml": ('model = "x"\n[circuits]\nn_edges = \n', ["c.toml", "invalid TOML",
+                                                                "line 3"]),
+    "unknown_key": ("[circuits]\nn_edgez = 5\n", ["c.toml", "unknown key 'circuits.n_edgez'"]),
+    "wrong_type": ('[circuits]\nn_edges = "many"\n', ["c.toml", "circuits.n_edges",
+                                                      "expected an integer"]),
+    "invalid_yaml": ("circuits:\n  n_edges: [1\n", ["c.yaml", "invalid YAML"]),
+    "non_utf8": (b'model = "caf\xe9"\n', ["c.toml", "not UTF-8"]),
+    "unknown_format": ("model: x\n", ["c.ini", "unknown config format"]),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_bad_config_file(name, tmp_path):
+    text, needles = CONFIGS[name]
+    suffix = {"invalid_yaml": ".yaml", "unknown_format": ".ini"}.get(name, ".toml")
+    path = tmp_path / ("nope.toml" if text is None else f"c{suffix}")
+    if text is not None:
+        write(path, text)
+    result = CliRunner().invoke(app, ["run", "--config", str(path), "--out",
+                                      str(tmp_path / "out")])
+    one_line_error(result, *needles)
+    assert not (tmp_path / "out").exists()  # refused before any work
