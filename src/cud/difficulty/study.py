@@ -85,10 +85,11 @@ class StudyResult:
     settings: StudySettings = field(default_factory=StudySettings)
 
 
-def _cud(edge_scores: Tensor, ac: AnchorCircuits, ids: Sequence[str], circuits: Tensor | None,
-         distance: str, weighted: bool, selection: SelectionSettings | None = None) -> pd.Series:
+def _cud(edge_scores: Tensor, ac: AnchorCircuits, ids: Sequence[str], circuits: Tensor,
+         distance: str, weighted: bool) -> pd.Series:
+    """CUD of every sample; ``circuits`` must be selected like ``ac``'s anchor circuits."""
     cud, _, _ = cud_scores(edge_scores, ac, distance_name=distance, weighted=weighted,
-                           circuits=circuits, selection=selection)
+                           circuits=circuits)
     return pd.Series(cud.numpy(), index=pd.Index(list(ids), name="id"))
 
 
@@ -190,12 +191,16 @@ def run_study(ids: Sequence[str], edge_scores: Tensor, graph: Graph,
     rob_rows = []
     variants = [(n, d, w) for n in (s.sizes or (selection.n_edges,)) for d in s.distances
                 for w in (False, True)]
+    by_size: dict[int, Tensor] = {}   # the samples' circuits at each size, selected once
+    anchors_by_size: dict[int, AnchorCircuits] = {}
     for k, (n, d, w) in enumerate(variants):
         report("robustness", k, len(variants))
         sel = replace(selection, selection="greedy" if selection.selection == "threshold"
                       else selection.selection, n_edges=n)
-        sample_circuits = circuits if sel == selection else select(graph, edge_scores, sel)
-        values = _cud(edge_scores, main, ids, sample_circuits, d, w, selection=sel)
+        if n not in by_size:
+            by_size[n] = circuits if sel == selection else select(graph, edge_scores, sel)
+            anchors_by_size[n] = main if sel == main.selection else main.with_selection(sel)
+        values = _cud(edge_scores, anchors_by_size[n], ids, by_size[n], d, w)
         table = validation_table(pd.DataFrame({"cud": values}), truths, excluded=banned,
                                  n_boot=s.n_boot, ci=s.ci, seed=s.seed)
         pairs = held_out_pairs(values, metrics["cud"], excluded=banned)
