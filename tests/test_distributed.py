@@ -166,7 +166,6 @@ def test_a_killed_worker_is_retried_and_results_are_identical(model_dir, samples
     thread.join(timeout=600)
     assert "error" not in result, result.get("error")
     assert n_at_kill < len(samples)  # the kill landed mid-run
-    assert killed not in _shard_workers()
     assert result["run"].n_computed == len(samples)
     assert result["run"].table.equals(ref.table)
     same_circuits(tmp_path / "one", out)

@@ -222,7 +222,7 @@ def _circuit_shard(model: ModelRef, samples: list[QASample], out: str,
                    reference: list[QASample] | None, export_json: bool,
                    batch_indices: list[int], threads: int | None) -> tuple[int, int]:
     """One Ray task: the planned batches ``batch_indices`` into the store at ``out``.
-    Returns (samples computed, batch size at the end)."""
+    Returns (samples computed by this attempt, batch size at the end)."""
     _worker_threads(threads)
     lm = model.load()
     run = find_circuits(lm, samples, out, settings, batch_size=batch_size, reference=reference,
@@ -282,8 +282,9 @@ def find_circuits_distributed(model: str, samples: Sequence[QASample], out: str 
             results = _wait(ray, refs, poll, "circuits")
     table = store.finalize(order)
     final_batch = min([b for _, b in results], default=batch_size)
-    return CircuitRun(out, table, sum(n for n, _ in results), n_skipped,
-                      time.perf_counter() - start, final_batch)
+    # counted from the store: a retried task does not report what its lost attempt committed
+    n_computed = len(table) - n_skipped
+    return CircuitRun(out, table, n_computed, n_skipped, time.perf_counter() - start, final_batch)
 
 
 # --- baseline metrics ---------------------------------------------------------------------------
