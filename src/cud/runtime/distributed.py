@@ -252,7 +252,7 @@ def find_circuits_distributed(model: str, samples: Sequence[QASample], out: str 
     samples = list(samples)
     order = [s.id for s in samples]
     hashes = {s.id: text_hash(s.question, s.answer) for s in samples}
-    out = Path(out).expanduser().resolve()
+    root, out = Path(out), Path(out).expanduser().resolve()  # workers get the absolute path
     with ray_session(workers, address) as ray:
         ref = model_ref(model, device, dtype, gpus=_has_gpus(ray))
         lm = ref.load(device="cpu")
@@ -284,7 +284,8 @@ def find_circuits_distributed(model: str, samples: Sequence[QASample], out: str 
     final_batch = min([b for _, b in results], default=batch_size)
     # counted from the store: a retried task does not report what its lost attempt committed
     n_computed = len(table) - n_skipped
-    return CircuitRun(out, table, n_computed, n_skipped, time.perf_counter() - start, final_batch)
+    return CircuitRun(root, table, n_computed, n_skipped, time.perf_counter() - start,
+                      final_batch)
 
 
 # --- baseline metrics ---------------------------------------------------------------------------
