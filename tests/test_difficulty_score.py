@@ -125,3 +125,16 @@ def test_score_table_names_the_anchors_used():
     small = score_samples(ids, s, ac, selection=SelectionSettings(n_edges=5))
     assert (small["n_edges"] == 5).all()
     assert small["cud"].iloc[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_and_hamming_rank_alike_on_equal_size_binary_circuits():
+    # |A| = |B| = n: cosine distance 1 - |A∩B|/n, Hamming 2(n - |A∩B|)/E, so CUD is identical
+    s = scores(10, seed=5)
+    ids = [f"s{i}" for i in range(10)]
+    ac = anchor_circuits(anchors_from_ids(["s0", "s1"], ["s2", "s3"]), ids, s, GRAPH, SEL)
+    cos, _, _ = cud_scores(s, ac, distance_name="cosine")
+    ham, _, _ = cud_scores(s, ac, distance_name="hamming")
+    assert torch.allclose(cos, ham)
+    wcos, _, _ = cud_scores(s, ac, distance_name="cosine", weighted=True)
+    wham, _, _ = cud_scores(s, ac, distance_name="hamming", weighted=True)
+    assert not torch.allclose(wcos, wham)  # weighted circuits break the tie
