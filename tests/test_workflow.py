@@ -96,3 +96,20 @@ def test_tofu_spec_reads_forget_and_retain(tmp_path):
     assert all(s.extra.get("perturbed_answer") for s in forget)
     with pytest.raises(Exception, match="no such TOFU folder"):
         load_forget_retain(RunConfig(data=f"tofu:{tmp_path / 'nope'}"))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"circuits": {"n_edges": 0}}, "n_edges must be at least 1"),
+    ({"circuits": {"method": "xx"}}, "unknown attribution method 'xx'"),
+    ({"unlearning": {"methods": ["xx"]}}, "unlearning.methods: unknown method 'xx'"),
+    ({"unlearning": {"preset": "slow"}}, "unknown preset 'slow'"),
+    ({"study": {"distance": "l2"}}, "unknown distance 'l2'"),
+    ({"circuits": {"baseline": "mean"}}, "supports 'zero' and 'corrupt'"),
+])
+def test_bad_settings_fail_before_any_stage(changes, message, tmp_path):
+    import cud
+
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match=message):
+        cud.run({**changes, "out": str(out)})
+    assert not out.exists()

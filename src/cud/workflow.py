@@ -96,6 +96,7 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
         config = load_config(config)
     elif isinstance(config, dict):
         config = _from_dict(config)
+    check(config)
     say = progress or (lambda *_: None)
     out = Path(config.out)
     if out.exists() and not out.is_dir():
@@ -142,6 +143,45 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
             result.report = _report(config, out, forget, say)
     clock.write()
     return result
+
+
+def check(config: RunConfig) -> None:
+    """Every stage's settings, checked before the first stage starts (a bad value deep in a
+    config file fails now, not after fine-tuning)."""
+    from cud.circuits.attribution import AttributionSettings
+    from cud.circuits.pipeline import CircuitSettings
+    from cud.circuits.selection import SelectionSettings
+    from cud.difficulty.study import StudySettings
+    from cud.unlearning import METHODS, PRESETS
+    c, u, s = config.circuits, config.unlearning, config.study
+    CircuitSettings(attribution=AttributionSettings(method=c.method, steps=c.steps,
+                                                    metric=c.metric),
+                    selection=SelectionSettings(selection=c.selection, n_edges=c.n_edges,
+                                                threshold=c.threshold),
+                    baseline=c.baseline if c.baseline != "mean" else "zero")
+    if c.baseline == "mean":
+        raise ConfigError("circuits.baseline: cud run supports 'zero' and 'corrupt'; for "
+                          "'mean' run `cud circuits --baseline mean --reference DATA`")
+    if c.batch_size < 1:
+        raise ConfigError(f"circuits.batch_size must be at least 1, got {c.batch_size}")
+    if not u.methods:
+        raise ConfigError("unlearning.methods: give at least one method")
+    for m in u.methods:
+        if m not in METHODS:
+            raise ConfigError(f"unlearning.methods: unknown method '{m}' "
+                              f"(choose from {', '.join(METHODS)})")
+    if u.preset not in PRESETS:
+        raise ConfigError(f"unlearning.preset: unknown preset '{u.preset}' "
+                          f"(choose from {', '.join(PRESETS)})")
+    if not 0 < u.forget_fraction < 1:
+        raise ConfigError(f"unlearning.forget_fraction must be in (0, 1), got "
+                          f"{u.forget_fraction}")
+    if config.limit is not None and config.limit < 1:
+        raise ConfigError(f"limit must be at least 1, got {config.limit}")
+    StudySettings(k=s.k, vote=s.vote, pool_fraction=s.pool_fraction, distance=s.distance,
+                  weighted=s.weighted, sizes=s.sizes, n_boot=s.n_boot, predictor=s.predictor)
+    if s.k < 1:
+        raise ConfigError(f"study.k must be at least 1, got {s.k}")
 
 
 def _from_dict(data: dict[str, Any]) -> RunConfig:
