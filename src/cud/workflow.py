@@ -46,7 +46,15 @@ class RunResult:
 
 
 def load_forget_retain(config: RunConfig) -> tuple[list[QASample], list[QASample]]:
-    """The forget and retain sets of a run.
+    """The forget and retain sets of a run (see :func:`load_run_data`)."""
+    forget, retain, _ = load_run_data(config)
+    return forget, retain
+
+
+def load_run_data(config: RunConfig
+                  ) -> tuple[list[QASample], list[QASample], list[QASample]]:
+    """The forget set, the retain set and everything the model is taught (both, in the data's
+    own order, so fine-tuning shares its cache with ``cud finetune --data`` on the same data).
 
     ``tofu:FOLDER[:FORGET[:RETAIN]]`` reads TOFU's files from a local folder (default splits
     ``forget10`` and ``retain90``; the forget split's ``_perturbed`` file is used when present,
@@ -72,13 +80,13 @@ def load_forget_retain(config: RunConfig) -> tuple[list[QASample], list[QASample
         retain = load_qa(folder / f"{retain_name}.json", limit=config.limit)
         if not any(has_perturbations(s) for s in forget):
             forget = add_perturbed_answers(forget + retain)[:len(forget)]
-        return forget, retain
+        return forget, retain, forget + retain
     samples = load_qa(spec, limit=config.limit)
     if not any(has_perturbations(s) for s in samples):
         samples = add_perturbed_answers(samples)
     forget, retain = split_forget_retain(samples, config.unlearning.forget_fraction,
                                          seed=config.seed)
-    return forget, retain
+    return forget, retain, samples
 
 
 def _samples_table(samples: Sequence[QASample]) -> pd.DataFrame:
@@ -106,13 +114,13 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
     clock = _Clock(result, out, config, say)
 
     with clock("data"):
-        forget, retain = load_forget_retain(config)
+        forget, retain, taught = load_run_data(config)
         result.n_forget, result.n_retain = len(forget), len(retain)
         _samples_table(forget).to_csv(out / "forget.csv", index=False)
         _samples_table(retain).to_csv(out / "retain.csv", index=False)
 
     with clock("model"):
-        lm = _model(config, forget, retain, say, result)
+        lm = _model(config, taught, say, result)
 
     with clock("circuits"):
         cs = _circuits(config, lm, forget, out / "circuits", say)
@@ -222,7 +230,7 @@ class _Clock:
             "n_retain": r.n_retain, "model_path": r.model_path}, indent=1, default=str) + "\n")
 
 
-def _model(config: RunConfig, forget, retain, say: Progress, result: RunResult):
+def _model(config: RunConfig, taught, say: Progress, result: RunResult):
     from cud.models import load_model
     f = config.finetune
     if not f.enabled:
@@ -233,7 +241,7 @@ def _model(config: RunConfig, forget, retain, say: Progress, result: RunResult):
     train = default_train_config()
     changes = {k: v for k, v in dict(lr=f.lr, epochs=f.epochs, batch_size=f.batch_size,
                                      seed=config.seed).items() if v is not None}
-    ft = finetune(config.model, list(forget) + list(retain),
+    ft = finetune(config.model, list(taught),
                   config=FinetuneConfig(train=replace(train, **changes), lora=f.lora),
                   cache_dir=f.cache_dir, device=config.device, keep_model=True,
                   progress=lambda s, t, row: say("model", s, t, f"fine-tuning, loss "
