@@ -64,6 +64,23 @@ def binary_kl(p_clean: Tensor, p: Tensor) -> Tensor:
     return kl.to(p.dtype)
 
 
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Mächler 2012)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)),
+                       torch.log1p(-torch.exp(x)))
+
+
+def binary_kl_from_logs(log_p_clean: Tensor, log_p: Tensor) -> Tensor:
+    """KL(Bernoulli(p_clean) || Bernoulli(p)) from log-probabilities, in float64, with no clamp
+    on p: a clamp (as :func:`binary_kl` needs) has zero gradient wherever a run's probability
+    leaves (EPS, 1 - EPS), which silently zeroed EAP-IG scores of samples whose probability falls
+    below 1e-6 along the integration path. Only log p = 0 exactly is moved (to -1e-15)."""
+    lpc = log_p_clean.double().clamp(max=-1e-15)
+    lq = log_p.double().clamp(max=-1e-15)
+    pc = lpc.exp()
+    return pc * (lpc - lq) + (1 - pc) * (log1mexp(lpc) - log1mexp(lq))
+
+
 def metric_value(name: str, mean_logprob: Tensor, clean_mean_logprob: Tensor | None = None
                  ) -> Tensor:
     """Per-sample metric (B,) from per-sample mean answer log-probabilities.
@@ -77,7 +94,8 @@ def metric_value(name: str, mean_logprob: Tensor, clean_mean_logprob: Tensor | N
     if name == "kl":
         if clean_mean_logprob is None:
             raise ValueError("the kl metric needs the clean run's mean log-probability")
-        # exp in float64 too: float32 exp/log round-trips blur log p by ~1e-7 * |log p|
-        kl = binary_kl(clean_mean_logprob.detach().double().exp(), mean_logprob.double().exp())
+        # in float64 from the log-probabilities themselves: float32 exp/log round-trips blur
+        # log p by ~1e-7 * |log p|, and no clamp stops the gradient at small p
+        kl = binary_kl_from_logs(clean_mean_logprob.detach(), mean_logprob)
         return kl.to(mean_logprob.dtype)
     raise ValueError(f"unknown metric '{name}' (choose from {', '.join(METRICS)})")
