@@ -36,6 +36,11 @@ OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryErr
                     torch.cuda.OutOfMemoryError})
 
 
+#: Bumped whenever a code change alters the scores of the same settings, so a folder of older
+#: scores is refused instead of being mixed with new ones (2: kl from log-probabilities).
+SCORES_VERSION = 2
+
+
 @dataclass(frozen=True)
 class CircuitSettings:
     """Everything that decides a sample's circuit (and so the store's settings hash)."""
@@ -99,7 +104,7 @@ def circuit_store(lm: LoadedModel, out: str | Path, settings: CircuitSettings) -
     """Open the folder ``out`` for circuits of ``settings`` on ``lm`` (created, or resumed when it
     holds results of the same settings and model; refused otherwise)."""
     store_settings = {"model": lm.name, "model_fingerprint": model_fingerprint(lm),
-                      **settings.to_dict()}
+                      "scores_version": SCORES_VERSION, **settings.to_dict()}
     return CircuitStore.open(out, store_settings, ResidualRunner(lm.adapter).graph)
 
 
