@@ -1,13 +1,14 @@
-"""Shared fixtures: tiny models of the three families (built in memory, cached per session) and a
-few QA samples of different lengths."""
+"""Shared fixtures: tiny models of the three families (built in memory, cached per session), every
+variant the adapters claim, and a few QA samples of different lengths."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
-from cud.data import fictitious_authors
-from cud.models import tiny_model
+from cud.data import collate, encode_samples, fictitious_authors
+from cud.models import prepare, tiny_model, tiny_tokenizer
 
 FAMILIES = ("llama", "gpt2", "gpt_neox")
 
@@ -69,3 +70,61 @@ def family(request) -> str:
 def qa_samples():
     """Ten built-in samples; the first four have four different token lengths."""
     return fictitious_authors(10, seed=0)
+
+
+#: name -> (family, config overrides) of the variants the adapters claim. The llama default has
+#: grouped-query attention (4 query heads, 2 key/value heads).
+VARIANTS = {
+    "llama-gqa": ("llama", {}),
+    "llama-mqa": ("llama", {"num_key_value_heads": 1}),
+    "llama-mha": ("llama", {"num_key_value_heads": 4}),
+    "llama-qkv-o-mlp-bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "llama-head-dim-16": ("llama", {"head_dim": 16}),
+    "llama-tied-embeddings": ("llama", {"tie_word_embeddings": True}),
+    "llama-3-layers": ("llama", {"num_hidden_layers": 3}),
+    "gpt2": ("gpt2", {}),
+    "gpt2-layer-scaled-attention": ("gpt2", {"scale_attn_by_inverse_layer_idx": True}),
+    "gpt2-3-layers": ("gpt2", {"n_layer": 3}),
+    "gpt_neox-parallel": ("gpt_neox", {}),
+    "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}),
+    "gpt_neox-full-rotary": ("gpt_neox", {"rotary_pct": 1.0}),
+    "gpt_neox-3-layers": ("gpt_neox", {"num_hidden_layers": 3}),
+}
+
+#: Other HF model types the llama adapter claims (tiny_model only builds LlamaConfig).
+OTHER_TYPES = {
+    "mistral": (MistralConfig, {}),
+    "qwen2": (Qwen2Config, {}),  # q/k/v biases, no output bias
+}
+
+
+def other_model(model_type: str, randomise, **overrides):
+    """A tiny randomised model of another HF model type the adapters claim."""
+    config_cls, extra = OTHER_TYPES[model_type]
+    tok = tiny_tokenizer()
+    cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               tie_word_embeddings=False, **extra)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config_cls(**cfg), attn_implementation="eager")
+    randomise(model)
+    return prepare(model, tok, name=f"tiny-{model_type}")
+
+
+@pytest.fixture(params=list(VARIANTS) + list(OTHER_TYPES))
+def variant_lm(request, make_lm, randomise):
+    """A randomised tiny model of every variant the adapters claim."""
+    if request.param in OTHER_TYPES:
+        return other_model(request.param, randomise)
+    family, overrides = VARIANTS[request.param]
+    return make_lm(family, **overrides)
+
+
+@pytest.fixture
+def padded_batch(variant_lm, qa_samples):
+    """Four samples of four different lengths, right-padded."""
+    batch = collate(encode_samples(variant_lm.tokenizer, qa_samples[:4]), variant_lm.pad_token_id)
+    lengths = batch.attention_mask.sum(1)
+    assert len(set(lengths.tolist())) == 4 and (~batch.attention_mask).any()
+    return batch

@@ -7,73 +7,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+from conftest import other_model
 
 from cud.circuits.runner import EdgePatch, ResidualRunner
 from cud.data import collate, encode_samples
 from cud.errors import ModelError
-from cud.models import adapter_for, prepare, supported_model_types, tiny_tokenizer
+from cud.models import adapter_for, supported_model_types
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 #: fp32 agreement asked of the adapters, on logits of order 1 (randomised weights)
 ATOL = 1e-4
-
-#: name -> (family, config overrides). The llama default has grouped-query attention
-#: (4 query heads, 2 key/value heads).
-VARIANTS = {
-    "llama-gqa": ("llama", {}),
-    "llama-mqa": ("llama", {"num_key_value_heads": 1}),
-    "llama-mha": ("llama", {"num_key_value_heads": 4}),
-    "llama-qkv-o-mlp-bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
-    "llama-head-dim-16": ("llama", {"head_dim": 16}),
-    "llama-tied-embeddings": ("llama", {"tie_word_embeddings": True}),
-    "llama-3-layers": ("llama", {"num_hidden_layers": 3}),
-    "gpt2": ("gpt2", {}),
-    "gpt2-layer-scaled-attention": ("gpt2", {"scale_attn_by_inverse_layer_idx": True}),
-    "gpt2-3-layers": ("gpt2", {"n_layer": 3}),
-    "gpt_neox-parallel": ("gpt_neox", {}),
-    "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}),
-    "gpt_neox-full-rotary": ("gpt_neox", {"rotary_pct": 1.0}),
-    "gpt_neox-3-layers": ("gpt_neox", {"num_hidden_layers": 3}),
-}
-
-#: Other HF model types the llama adapter claims (tiny_model only builds LlamaConfig).
-OTHER_TYPES = {
-    "mistral": (MistralConfig, {}),
-    "qwen2": (Qwen2Config, {}),  # q/k/v biases, no output bias
-}
-
-
-def other_model(model_type: str, randomise, **overrides):
-    """A tiny randomised model of another HF model type the adapters claim."""
-    config_cls, extra = OTHER_TYPES[model_type]
-    tok = tiny_tokenizer()
-    cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               tie_word_embeddings=False, **extra)
-    cfg.update(overrides)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config_cls(**cfg), attn_implementation="eager")
-    randomise(model)
-    return prepare(model, tok, name=f"tiny-{model_type}")
-
-
-@pytest.fixture(params=list(VARIANTS) + list(OTHER_TYPES))
-def variant_lm(request, make_lm, randomise):
-    if request.param in OTHER_TYPES:
-        return other_model(request.param, randomise)
-    family, overrides = VARIANTS[request.param]
-    return make_lm(family, **overrides)
-
-
-@pytest.fixture
-def padded_batch(variant_lm, qa_samples):
-    """Four samples of four different lengths, right-padded."""
-    batch = collate(encode_samples(variant_lm.tokenizer, qa_samples[:4]), variant_lm.pad_token_id)
-    lengths = batch.attention_mask.sum(1)
-    assert len(set(lengths.tolist())) == 4 and (~batch.attention_mask).any()
-    return batch
 
 
 def hf_logits(lm, batch, **kwargs):
@@ -239,3 +183,52 @@ def test_qwen2_sliding_window_on_some_layers_only(qa_samples, randomise):
         ours = ResidualRunner(lm.adapter).run(batch.input_ids, batch.attention_mask).logits
     diff = max_diff_on_real_tokens(ours, hf_logits(lm, batch).logits, batch.attention_mask)
     assert diff <= ATOL, f"runner and HF differ by {diff:.2e} with a per-layer sliding window"
+
+
+# The pieces the runner composes --------------------------------------------------------------
+def test_reader_norm_writes_out_the_models_norm(variant_lm):
+    """The shared capture applies the norm's Jacobian from this description: it must be the
+    model's own norm, weight, bias and eps included."""
+    a = variant_lm.adapter
+    x = 3 * torch.randn(2, 5, a.d_model, generator=torch.Generator().manual_seed(0)) + 0.5
+    for layer in range(a.n_layers):
+        norm = a.reader_norm(layer)
+        assert norm is not None
+        with torch.no_grad():
+            expected = a.attention_norm(layer)(x)
+            torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)
+            x_hat, r = norm.normalize(x)
+            assert r.shape == (2, 5, 1) and (r > 0).all()
+            torch.testing.assert_close(x_hat.pow(2).mean(-1), torch.ones(2, 5), rtol=1e-3,
+                                       atol=0)
+
+
+def test_project_qkv_is_the_per_head_weights(variant_lm):
+    """The fused (grouped) projection the shared capture runs equals q, k, v per query head
+    from ``qkv_weights``, which the gradients and the per-head patched path use."""
+    a = variant_lm.adapter
+    y = torch.randn(2, 5, a.d_model, generator=torch.Generator().manual_seed(1))
+    for layer in range(a.n_layers):
+        weight, bias = a.qkv_weights(layer)
+        assert weight.shape == (3, a.n_heads, a.d_model, a.head_dim)
+        with torch.no_grad():
+            expected = torch.einsum("btd,khde->btkhe", y, weight)
+            if bias is not None:
+                expected = expected + bias
+            for i, got in enumerate(a.project_qkv(layer, y)):
+                assert got.shape == (2, 5, a.n_heads, a.head_dim)
+                torch.testing.assert_close(got, expected[:, :, i], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_output_is_the_sum_of_the_heads(variant_lm, padded_batch):
+    a, batch = variant_lm.adapter, padded_batch
+    ctx = a.context(batch.attention_mask)
+    x = a.embed(batch.input_ids)
+    with torch.no_grad():
+        o = a.attention_values(0, x, ctx)
+        heads = a.attention_heads(0, x, ctx)
+        torch.testing.assert_close(a.attention_output(0, o), heads.sum(2), rtol=1e-5, atol=1e-5)
+        # every head reading its own copy of the same stream changes nothing
+        copies = x[:, :, None, None].expand(*x.shape[:2], 3, a.n_heads, a.d_model)
+        torch.testing.assert_close(a.attention_heads(0, copies, ctx), heads, rtol=1e-5,
+                                   atol=1e-5)

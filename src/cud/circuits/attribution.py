@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from cud.circuits.baseline_activations import BaselineActivations
+from cud.circuits.gradients import ReaderGradients
 from cud.circuits.metrics import METRICS, AnswerTargets, metric_value
 from cud.circuits.runner import Interpolation, ResidualRunner
 from cud.data.encoding import Batch
@@ -70,62 +71,65 @@ class Attribution:
 
 def attribute(runner: ResidualRunner, batch: Batch, baseline: BaselineActivations,
               settings: AttributionSettings = AttributionSettings()) -> Attribution:
-    """Score every edge of ``runner.graph`` for every sample of ``batch``."""
+    """Score every edge of ``runner.graph`` for every sample of ``batch``.
+
+    Every method's integration path ends at alpha = 1, where each node's interpolated output
+    is its clean output: that pass is the clean run itself, so it also records the clean node
+    outputs and log-probabilities the other passes need (one pass per step, no extra clean
+    forward)."""
     g, a = runner.graph, runner.adapter
     device = next(a.model.parameters()).device
     batch = batch.to(device)
     b, t = batch.input_ids.shape
-    d, h = a.d_model, a.n_heads
+    d = a.d_model
     targets = AnswerTargets.from_batch(batch.input_ids, batch.answer_mask)
+    gradients = ReaderGradients(runner)  # sums of dM/d(in_v) over the integration steps
 
-    with torch.no_grad():
-        clean = runner.run(batch.input_ids, batch.attention_mask,
-                           logit_mask=targets.positions, record=True)
-        clean_logprob = targets.mean_logprob(clean.logits)
-        z_base = baseline.for_batch(runner, batch)
-        # (B, T, F, d): z' - z on real tokens, 0 on padding
-        delta = (z_base - clean.outputs) * batch.attention_mask[:, :, None, None]
-
-    # Sum of dM/d(in_v) over the integration steps, one tensor per reader group.
-    grad_sums: list[Tensor] | None = None
-    for alpha in settings.alphas:
-        interpolation = None
-        if settings.method != "eap":
-            interpolation = Interpolation(clean=clean.outputs, baseline=z_base, alpha=alpha,
-                                          input_only=settings.method == "eap-ig-inputs")
+    def gradient_pass(interpolation: Interpolation | None, record: bool = False):
         with torch.enable_grad():
             run = runner.run(batch.input_ids, batch.attention_mask,
-                             logit_mask=targets.positions, capture=True,
+                             logit_mask=targets.positions, capture=True, record=record,
                              interpolation=interpolation)
-            values = metric_value(settings.metric, targets.mean_logprob(run.logits),
-                                  clean_logprob)
-            # samples are independent, so the gradient of the sum is each sample's own gradient
-            grads = torch.autograd.grad(values.sum(), run.reader_inputs, allow_unused=True)
-        grads = [torch.zeros_like(x) if gr is None else gr
-                 for gr, x in zip(grads, run.reader_inputs)]
-        grad_sums = grads if grad_sums is None else [s + gr for s, gr in zip(grad_sums, grads)]
-        del run, grads
+            logprob = targets.mean_logprob(run.logits)
+            reference = logprob.detach() if record else clean_logprob
+            gradients.add(run.capture, metric_value(settings.metric, logprob, reference))
+        return run.outputs, logprob.detach()
+
+    alphas = settings.alphas
+    assert alphas[-1] == 1.0
+    clean_outputs, clean_logprob = gradient_pass(None, record=True)
+    with torch.no_grad():
+        z_base = baseline.for_batch(runner, batch)
+        # (B, F, T, d): z' - z on real tokens, 0 on padding, each node's values contiguous so
+        # that a prefix of nodes is a (B, n_up, T * d) matrix to contract with a bmm
+        delta = torch.empty(b, g.n_forward, t, d, dtype=clean_outputs.dtype, device=device)
+        torch.sub(z_base.expand_as(clean_outputs).transpose(1, 2),
+                  clean_outputs.transpose(1, 2), out=delta)
+        delta.mul_(batch.attention_mask[:, None, :, None])
+    if len(alphas) > 1:
+        path = Interpolation(clean=clean_outputs, baseline=z_base, alpha=1.0,
+                             input_only=settings.method == "eap-ig-inputs")
+        for alpha in alphas[:-1]:
+            gradient_pass(path.at(alpha))
+    del clean_outputs
 
     scale = 1.0 / len(settings.alphas)
     matrix = torch.zeros(b, g.n_forward, g.n_backward, dtype=torch.float32, device=device)
-    # (B, F, T*d): the position and hidden dims flattened, to contract with a bmm
-    delta_flat = delta.permute(0, 2, 1, 3).reshape(b, g.n_forward, t * d)
+    delta_flat = delta.view(b, g.n_forward, t * d)
 
-    def contract(n_up: int, grad: Tensor) -> Tensor:
-        """grad (B, T, V, d) -> (B, n_up, V) scores of the edges from the first n_up nodes."""
-        v = grad.shape[2]
-        gr = grad.permute(0, 1, 3, 2).reshape(b, t * d, v)
-        return torch.bmm(delta_flat[:, :n_up], gr.to(delta_flat.dtype)).float() * scale
+    def contract(n_up: int, v0: int, grad: Tensor) -> None:
+        """grad (B, V, T, d) of readers v0.. -> the scores of their edges from the first n_up
+        nodes, into ``matrix``."""
+        v = grad.shape[1]
+        scores = torch.bmm(grad.reshape(b, v, t * d).to(delta.dtype),
+                           delta_flat[:, :n_up].transpose(1, 2))  # (B, V, n_up)
+        matrix[:, :n_up, v0:v0 + v] = scores.transpose(1, 2).float() * scale
 
+    groups = gradients.groups()
     for layer in range(a.n_layers):
-        attn_grad, mlp_grad = grad_sums[2 * layer], grad_sums[2 * layer + 1]
-        n_att = g.attention_readers_upstream(layer)
-        q0 = g.qkv_backward(layer, 0, 0)
-        matrix[:, :n_att, q0:q0 + 3 * h] = contract(n_att, attn_grad.reshape(b, t, 3 * h, d))
-        n_mlp = g.mlp_readers_upstream(layer)
-        mb = g.mlp_backward(layer)
-        matrix[:, :n_mlp, mb:mb + 1] = contract(n_mlp, mlp_grad[:, :, None])
-    matrix[:, :, g.logits_backward:] = contract(g.n_forward, grad_sums[-1][:, :, None])
+        contract(g.attention_readers_upstream(layer), g.qkv_backward(layer, 0, 0), next(groups))
+        contract(g.mlp_readers_upstream(layer), g.mlp_backward(layer), next(groups))
+    contract(g.n_forward, g.logits_backward, next(groups))
     edge_scores = g.from_matrix(matrix).cpu()
     return Attribution(ids=list(batch.ids), edge_scores=edge_scores,
                        clean_logprob=clean_logprob.float().cpu())

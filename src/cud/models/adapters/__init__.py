@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cud.errors import ModelError
-from cud.models.adapters.base import AttentionContext, ResidualAdapter
+from cud.models.adapters.base import AttentionContext, ReaderNorm, ResidualAdapter
 from cud.models.adapters.gpt2 import GPT2Adapter
 from cud.models.adapters.gpt_neox import GPTNeoXAdapter
 from cud.models.adapters.llama import LlamaAdapter
@@ -25,5 +25,5 @@ def adapter_for(model) -> ResidualAdapter:
                      f"{', '.join(supported_model_types())})")
 
 
-__all__ = ["ResidualAdapter", "AttentionContext", "adapter_for", "supported_model_types",
-           "LlamaAdapter", "GPT2Adapter", "GPTNeoXAdapter"]
+__all__ = ["ResidualAdapter", "AttentionContext", "ReaderNorm", "adapter_for",
+           "supported_model_types", "LlamaAdapter", "GPT2Adapter", "GPTNeoXAdapter"]

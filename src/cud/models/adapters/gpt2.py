@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cud.models.adapters.base import AttentionContext, ResidualAdapter
+from cud.models.adapters.base import AttentionContext, ReaderNorm, ResidualAdapter
 
 
 class GPT2Adapter(ResidualAdapter):
@@ -26,25 +26,36 @@ class GPT2Adapter(ResidualAdapter):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         return self.backbone.wte(input_ids) + self.backbone.wpe(positions)[None]
 
-    def attention_heads(self, layer: int, x: Tensor, ctx: AttentionContext) -> Tensor:
-        block = self.layers[layer]
-        attn = block.attn
-        xn = block.ln_1(x)
+    def attention_norm(self, layer: int):
+        return self.layers[layer].ln_1
+
+    def reader_norm(self, layer: int) -> ReaderNorm:
+        ln = self.layers[layer].ln_1
+        return ReaderNorm("layer", ln.weight, ln.bias, ln.eps)
+
+    def qkv_weights(self, layer: int):
+        attn = self.layers[layer].attn
         h, e, d = self.n_heads, self.head_dim, self.d_model
         # Conv1D stores weight as (in, out); columns are [q | k | v], each split by head.
-        w = attn.c_attn.weight.view(d, 3, h, e).permute(1, 2, 0, 3)  # (3, H, d, e)
-        b = attn.c_attn.bias.view(3, h, e)
-        q = self._project_heads(xn[:, :, 0], w[0], b[0])
-        k = self._project_heads(xn[:, :, 1], w[1], b[1])
-        v = self._project_heads(xn[:, :, 2], w[2], b[2])
+        weight = attn.c_attn.weight.view(d, 3, h, e).permute(1, 2, 0, 3)  # (3, H, d, e)
+        return weight, attn.c_attn.bias.view(3, h, e)
+
+    def project_qkv(self, layer: int, y: Tensor):
+        b, t, _ = y.shape
+        qkv = self.layers[layer].attn.c_attn(y).view(b, t, 3, self.n_heads, self.head_dim)
+        return qkv.unbind(2)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        attn = self.layers[layer].attn
         scale = 1.0
         if getattr(attn, "scale_attn_weights", True):
-            scale /= e ** 0.5
+            scale /= self.head_dim ** 0.5
         if getattr(attn, "scale_attn_by_inverse_layer_idx", False):
             scale /= float(layer + 1)
-        o = self._attend(q, k, v, ctx, scale=scale)
-        w_out = attn.c_proj.weight.view(h, e, d)
-        return self._heads_out(o, w_out)
+        return self._sdpa(q, k, v, ctx.mask, scale=scale)
+
+    def output_weight(self, layer: int) -> Tensor:
+        return self.layers[layer].attn.c_proj.weight.view(self.n_heads, self.head_dim, self.d_model)
 
     def attention_bias(self, layer: int):
         return self.layers[layer].attn.c_proj.bias

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
-from cud.models.adapters.base import AttentionContext, ResidualAdapter
+from cud.models.adapters.base import AttentionContext, ReaderNorm, ResidualAdapter
 
 
 class GPTNeoXAdapter(ResidualAdapter):
@@ -33,23 +33,34 @@ class GPTNeoXAdapter(ResidualAdapter):
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.backbone.embed_in(input_ids)
 
-    def attention_heads(self, layer: int, x: Tensor, ctx: AttentionContext) -> Tensor:
-        block = self.layers[layer]
-        attn = block.attention
-        xn = block.input_layernorm(x)
+    def attention_norm(self, layer: int):
+        return self.layers[layer].input_layernorm
+
+    def reader_norm(self, layer: int) -> ReaderNorm:
+        ln = self.layers[layer].input_layernorm
+        return ReaderNorm("layer", ln.weight, ln.bias, ln.eps)
+
+    def qkv_weights(self, layer: int):
+        qkv = self.layers[layer].attention.query_key_value
         h, e, d = self.n_heads, self.head_dim, self.d_model
         # Output rows of query_key_value are laid out (head, [q|k|v], e).
-        w = attn.query_key_value.weight.view(h, 3, e, d).permute(1, 0, 3, 2)  # (3, H, d, e)
-        bias = attn.query_key_value.bias
-        b = bias.view(h, 3, e).transpose(0, 1) if bias is not None else (None, None, None)
-        q = self._project_heads(xn[:, :, 0], w[0], b[0])
-        k = self._project_heads(xn[:, :, 1], w[1], b[1])
-        v = self._project_heads(xn[:, :, 2], w[2], b[2])
+        weight = qkv.weight.view(h, 3, e, d).permute(1, 0, 3, 2)  # (3, H, d, e)
+        bias = qkv.bias.view(h, 3, e).transpose(0, 1) if qkv.bias is not None else None
+        return weight, bias
+
+    def project_qkv(self, layer: int, y: Tensor):
+        b, t, _ = y.shape
+        qkv = self.layers[layer].attention.query_key_value(y)
+        return qkv.view(b, t, self.n_heads, 3, self.head_dim).unbind(3)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         cos, sin = ctx.rotary
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        o = self._attend(q, k, v, ctx, scale=e ** -0.5)
-        w_out = attn.dense.weight.view(d, h, e).permute(1, 2, 0)
-        return self._heads_out(o, w_out)
+        return self._sdpa(q, k, v, ctx.mask, scale=self.head_dim ** -0.5)
+
+    def output_weight(self, layer: int) -> Tensor:
+        dense = self.layers[layer].attention.dense
+        return dense.weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
 
     def attention_bias(self, layer: int):
         return self.layers[layer].attention.dense.bias

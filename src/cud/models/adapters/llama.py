@@ -4,13 +4,11 @@ its own k and v inputs in the graph, as in the reference setup."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from cud.models.adapters.base import AttentionContext, ResidualAdapter
+from cud.models.adapters.base import AttentionContext, ReaderNorm, ResidualAdapter
 
 
 class LlamaAdapter(ResidualAdapter):
@@ -60,34 +58,48 @@ class LlamaAdapter(ResidualAdapter):
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.backbone.embed_tokens(input_ids)
 
-    def _qkv_weights(self, attn):
+    def attention_norm(self, layer: int):
+        return self.layers[layer].input_layernorm
+
+    def reader_norm(self, layer: int) -> ReaderNorm:
+        norm = self.layers[layer].input_layernorm  # LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm
+        return ReaderNorm("rms", norm.weight, None, norm.variance_epsilon)
+
+    def qkv_weights(self, layer: int):
+        attn = self.layers[layer].self_attn
         h, kv, e, d = self.n_heads, self.n_kv_heads, self.head_dim, self.d_model
         group = h // kv
-        wq = attn.q_proj.weight.view(h, e, d).transpose(1, 2)
-        wk = attn.k_proj.weight.view(kv, e, d).repeat_interleave(group, 0).transpose(1, 2)
-        wv = attn.v_proj.weight.view(kv, e, d).repeat_interleave(group, 0).transpose(1, 2)
-        bq = attn.q_proj.bias.view(h, e) if attn.q_proj.bias is not None else None
-        bk = attn.k_proj.bias.view(kv, e).repeat_interleave(group, 0) \
-            if attn.k_proj.bias is not None else None
-        bv = attn.v_proj.bias.view(kv, e).repeat_interleave(group, 0) \
-            if attn.v_proj.bias is not None else None
-        return (wq, bq), (wk, bk), (wv, bv)
+        weights = [attn.q_proj.weight.view(h, e, d),
+                   attn.k_proj.weight.view(kv, e, d).repeat_interleave(group, 0),
+                   attn.v_proj.weight.view(kv, e, d).repeat_interleave(group, 0)]
+        weight = torch.stack(weights).transpose(2, 3)  # (3, H, d, e)
+        if attn.q_proj.bias is None:
+            return weight, None
+        bias = torch.stack([attn.q_proj.bias.view(h, e),
+                            attn.k_proj.bias.view(kv, e).repeat_interleave(group, 0),
+                            attn.v_proj.bias.view(kv, e).repeat_interleave(group, 0)])
+        return weight, bias
 
-    def attention_heads(self, layer: int, x: Tensor, ctx: AttentionContext) -> Tensor:
-        block = self.layers[layer]
-        attn = block.self_attn
-        xn = block.input_layernorm(x)  # (B, T, 3, Hx, d)
-        (wq, bq), (wk, bk), (wv, bv) = self._qkv_weights(attn)
-        q = self._project_heads(xn[:, :, 0], wq, bq)  # (B, H, T, e)
-        k = self._project_heads(xn[:, :, 1], wk, bk)
-        v = self._project_heads(xn[:, :, 2], wv, bv)
+    def project_qkv(self, layer: int, y: Tensor):
+        attn = self.layers[layer].self_attn
+        b, t, _ = y.shape
+        h, kv, e = self.n_heads, self.n_kv_heads, self.head_dim
+        q = attn.q_proj(y).view(b, t, h, e)
+        # grouped keys and values computed once per group, then one copy per query head
+        k = attn.k_proj(y).view(b, t, kv, e).repeat_interleave(h // kv, 2)
+        v = attn.v_proj(y).view(b, t, kv, e).repeat_interleave(h // kv, 2)
+        return q, k, v
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
         cos, sin = ctx.rotary
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if ctx.sliding_mask is not None and layer in self.sliding_layers:
-            ctx = replace(ctx, mask=ctx.sliding_mask)
-        o = self._attend(q, k, v, ctx, scale=self.head_dim ** -0.5)
-        w_out = attn.o_proj.weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
-        return self._heads_out(o, w_out)
+        mask = ctx.sliding_mask if ctx.sliding_mask is not None and layer in self.sliding_layers \
+            else ctx.mask
+        return self._sdpa(q, k, v, mask, scale=self.head_dim ** -0.5)
+
+    def output_weight(self, layer: int) -> Tensor:
+        o_proj = self.layers[layer].self_attn.o_proj
+        return o_proj.weight.view(self.d_model, self.n_heads, self.head_dim).permute(1, 2, 0)
 
     def attention_bias(self, layer: int):
         return self.layers[layer].self_attn.o_proj.bias
