@@ -40,15 +40,21 @@ def patched_metric(runner: ResidualRunner, batch: Batch, keep_edges: Tensor, z_b
 
 
 def faithfulness(runner: ResidualRunner, batch: Batch, circuits: Tensor,
-                 baseline: BaselineActivations, metric: str = "kl") -> Faithfulness:
-    """Faithfulness of each sample's circuit. ``circuits``: (B, n_edges) bool (or float in [0,1])."""
+                 baseline: BaselineActivations, metric: str = "kl",
+                 clean_logprob: Tensor | None = None) -> Faithfulness:
+    """Faithfulness of each sample's circuit. ``circuits``: (B, n_edges) bool (or float in [0,1]).
+    ``clean_logprob``: the batch's clean mean answer log-probabilities (B,) when already known
+    (:class:`~cud.circuits.attribution.Attribution` has them), else a clean run computes them."""
     device = next(runner.adapter.model.parameters()).device
     batch = batch.to(device)
     circuits = circuits.to(device)
     targets = AnswerTargets.from_batch(batch.input_ids, batch.answer_mask)
     with torch.no_grad():
-        clean = runner.run(batch.input_ids, batch.attention_mask, logit_mask=targets.positions)
-        clean_logprob = targets.mean_logprob(clean.logits)
+        if clean_logprob is None:
+            clean = runner.run(batch.input_ids, batch.attention_mask,
+                               logit_mask=targets.positions)
+            clean_logprob = targets.mean_logprob(clean.logits)
+        clean_logprob = clean_logprob.to(device)
         z_base = baseline.for_batch(runner, batch)
         m_clean = metric_value(metric, clean_logprob, clean_logprob)
         empty = torch.zeros(1, runner.graph.n_edges, device=device)

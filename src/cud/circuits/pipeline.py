@@ -222,7 +222,8 @@ def _compute_and_write(lm, runner, store: CircuitStore, batch: Batch,
              "score_abs_sum": float(s.abs().sum())}
             for e, lp, c, s in zip(encoded, att.clean_logprob, circuits, att.edge_scores)]
     if settings.faithfulness:
-        f = faithfulness(runner, batch, circuits, baseline, settings.attribution.metric)
+        f = faithfulness(runner, batch, circuits, baseline, settings.attribution.metric,
+                         clean_logprob=att.clean_logprob)
         for k, row in enumerate(rows):
             row.update(faithfulness=float(f.faithfulness[k]), metric_clean=float(f.metric_clean[k]),
                        metric_circuit=float(f.metric_circuit[k]),
