@@ -12,6 +12,7 @@ from typing import Optional
 
 from cud.cli.app import app, console, fail
 from cud.errors import CudError
+from cud.runtime.memory import retain_freed_memory
 
 from cud.cli import analysis, circuits, difficulty, run, unlearning  # noqa: F401,E402  (register the commands)
 
@@ -22,6 +23,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``cud`` console script. Usage errors (a bad option value, an unknown
     option) are one line too, naming the command, instead of click's multi-line box."""
     click = _click_exceptions()
+    retain_freed_memory()  # fewer page faults in long CPU runs (cud.runtime.memory)
     try:
         code = app(args=argv, prog_name="cud", standalone_mode=False)
     except CudError as e:  # raised outside a command body (e.g. while parsing)

@@ -46,6 +46,7 @@ from cud.circuits.pipeline import (CircuitRun, CircuitSettings, Progress, circui
 from cud.data.samples import QASample
 from cud.errors import ConfigError, CudError, ModelError
 from cud.models.loading import LoadedModel, load_model, pick_dtype
+from cud.runtime.memory import retain_freed_memory
 from cud.runtime.store import text_hash
 
 #: how often the driver looks at the store to report progress, seconds
@@ -164,9 +165,12 @@ def _task_options(ray, workers: int, device: str, max_retries: int, name: str) -
     return options
 
 
-def _worker_threads(threads: int | None) -> None:
-    """torch's intra-op threads in a task: ``threads``, else the task's share of CPUs."""
+def _worker_setup(threads: int | None) -> None:
+    """A task's process as the CLI sets up its own: freed memory kept for reuse
+    (:mod:`cud.runtime.memory`), and torch's intra-op threads: ``threads``, else the task's
+    share of CPUs."""
     import ray
+    retain_freed_memory()
     if threads is None:
         threads = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     torch.set_num_threads(max(1, threads))
@@ -223,7 +227,7 @@ def _circuit_shard(model: ModelRef, samples: list[QASample], out: str,
                    batch_indices: list[int], threads: int | None) -> tuple[int, int]:
     """One Ray task: the planned batches ``batch_indices`` into the store at ``out``.
     Returns (samples computed by this attempt, batch size at the end)."""
-    _worker_threads(threads)
+    _worker_setup(threads)
     lm = model.load()
     run = find_circuits(lm, samples, out, settings, batch_size=batch_size, reference=reference,
                         export_json=export_json, only_batches=batch_indices)
@@ -296,7 +300,7 @@ def _baseline_shard(model: ModelRef, samples: list[QASample], metrics: list[str]
     (given in plan order, so its batches are the single-process batches)."""
     from cud.difficulty.baselines import baseline_metrics
 
-    _worker_threads(threads)
+    _worker_setup(threads)
     lm = model.load()
     return baseline_metrics(lm, samples, metrics=metrics, work_dir=work_dir, **options)
 
