@@ -8,8 +8,9 @@ Three figures, all measured in the same run so their ratios are comparable:
    against attribution with batch size 1 (the reference EAP-IG code's protocol) on the first
    ``--single-samples`` samples.
 3. **Attribution versus bare passes** of the same count and batch size: for every batch of (1),
-   one no-grad forward (attribution's clean run) plus ``--steps`` forward + backward passes of
-   the plain Hugging Face model: backbone forward, the LM head at the answer-predicting positions
+   ``--steps`` forward + backward passes (attribution runs one per integration step; the step at
+   alpha = 1 is also its clean run) of the plain Hugging Face model: backbone forward, the LM
+   head at the answer-predicting positions
    (attribution reads the logits only there too), mean answer NLL, backward to the *input
    embeddings* (no parameter gradients: attribution computes none either). Peak memory of both:
    on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on the
@@ -89,10 +90,16 @@ class Meter:
             torch.cuda.synchronize(self.device)
 
     @contextmanager
-    def measure(self, into: dict):
-        """Adds ``seconds`` and ``peak_bytes`` (the max over calls) to ``into``."""
+    def measure(self, into: dict, memory: bool | None = None):
+        """Adds ``seconds`` and, with ``memory`` (default: on CUDA, where it is free),
+        ``peak_bytes`` (the max over calls) to ``into``. On the CPU the peak needs malloc_trim,
+        which hands the freed memory cud keeps (``cud.runtime.memory``) back to the system
+        and so slows the block down: timed blocks and memory blocks are run apart."""
+        memory = self.cuda if memory is None else memory
         self.sync()
-        if self.cuda:
+        if not memory:
+            pass
+        elif self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             before = torch.cuda.memory_allocated(self.device)
         elif self.hwm:
@@ -114,6 +121,8 @@ class Meter:
         finally:
             self.sync()
             into["seconds"] = into.get("seconds", 0.0) + time.perf_counter() - start
+            if not memory:
+                return
             if self.cuda:
                 used = torch.cuda.max_memory_allocated(self.device) - before
             elif self.hwm:
@@ -155,34 +164,35 @@ def load_bench_model(args):
 
 
 # The three measurements ----------------------------------------------------------------------
-def end_to_end(lm, runner, bs, baseline, settings, selection, meter):
+def end_to_end(lm, runner, bs, baseline, settings, selection, meter, memory=None):
     from cud.circuits.attribution import attribute
     from cud.circuits.faithfulness import faithfulness
     from cud.circuits.selection import select
     stats = {"attribute": {}, "select": {}, "faithfulness": {}}
     faith = []
     for batch in bs:
-        with meter.measure(stats["attribute"]):
+        with meter.measure(stats["attribute"], memory):
             att = attribute(runner, batch, baseline, settings)
-        with meter.measure(stats["select"]):
+        with meter.measure(stats["select"], memory):
             circuits = select(runner.graph, att.edge_scores, selection)
-        with meter.measure(stats["faithfulness"]):
-            f = faithfulness(runner, batch, circuits, baseline, settings.metric)
+        with meter.measure(stats["faithfulness"], memory):
+            f = faithfulness(runner, batch, circuits, baseline, settings.metric,
+                             clean_logprob=att.clean_logprob)
         faith.append(f.faithfulness)
     return stats, torch.cat(faith)
 
 
-def one_at_a_time(runner, bs1, baseline, settings, meter):
+def one_at_a_time(runner, bs1, baseline, settings, meter, memory=None):
     from cud.circuits.attribution import attribute
     stats = {}
     for batch in bs1:
-        with meter.measure(stats):
+        with meter.measure(stats, memory):
             attribute(runner, batch, baseline, settings)
     return stats
 
 
-def bare_passes(lm, bs, steps, meter):
-    """Per batch: one no-grad forward, then ``steps`` forward + backward to the input embeddings."""
+def bare_passes(lm, bs, steps, meter, memory=None):
+    """Per batch: ``steps`` forward + backward passes to the input embeddings."""
     from cud.circuits.metrics import AnswerTargets
     model, device = lm.model, lm.device
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
@@ -198,9 +208,7 @@ def bare_passes(lm, bs, steps, meter):
     for batch in bs:
         batch = batch.to(device)
         targets = AnswerTargets.from_batch(batch.input_ids, batch.answer_mask)
-        with meter.measure(stats):
-            with torch.no_grad():
-                loss_of(embed(batch.input_ids), batch, targets)
+        with meter.measure(stats, memory):
             for _ in range(steps):
                 embeds = embed(batch.input_ids).detach().requires_grad_()
                 torch.autograd.grad(loss_of(embeds, batch, targets), embeds)
@@ -238,9 +246,16 @@ def main() -> None:
                         help="samples run one at a time for the batched-vs-single figure (0: skip)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare-pass comparison")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--give-back-memory", action="store_true",
+                        help="leave glibc's malloc as it is (cud's CLI keeps freed memory: "
+                        "cud.runtime.memory)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    retained = False
+    if not args.give_back_memory:
+        from cud.runtime.memory import retain_freed_memory
+        retained = retain_freed_memory()
 
     from cud.circuits.attribution import AttributionSettings, attribute
     from cud.circuits.baseline_activations import ZeroBaseline
@@ -259,7 +274,8 @@ def main() -> None:
           f"loaded in {load_s:.1f} s; {g.n_layers} layers x {g.n_heads} heads, "
           f"{g.n_edges:,} edges")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.2f} at start")
+          f"load average {os.getloadavg()[0]:.2f} at start, freed memory "
+          f"{'kept' if retained else 'given back'}")
 
     settings = AttributionSettings(method="eap-ig-activations", steps=args.steps, metric="kl")
     selection = SelectionSettings(selection="greedy", n_edges=args.n_edges)
@@ -291,7 +307,23 @@ def main() -> None:
         single = one_at_a_time(runner, bs1, baseline, settings, meter)
         n1 = len(bs1)
     bare = None if args.no_bare else bare_passes(lm, bs, settings.steps, meter)
+    bare1 = None
+    if not args.no_bare and single is not None:
+        bare1 = bare_passes(lm, bs1, settings.steps, meter)
     load_end = os.getloadavg()[0]
+    if not meter.cuda:  # peaks apart from the timed runs, on the first batch of each
+        mem, _ = end_to_end(lm, runner, bs[:1], baseline, settings, selection, meter, True)
+        for stage, st in mem.items():
+            e2e[stage]["peak_bytes"] = st["peak_bytes"]
+        if single is not None:
+            single["peak_bytes"] = one_at_a_time(runner, bs1[:1], baseline, settings, meter,
+                                                 True)["peak_bytes"]
+        if bare is not None:
+            bare["peak_bytes"] = bare_passes(lm, bs[:1], settings.steps, meter,
+                                             True)["peak_bytes"]
+        if bare1 is not None:
+            bare1["peak_bytes"] = bare_passes(lm, bs1[:1], settings.steps, meter,
+                                              True)["peak_bytes"]
 
     print(f"End to end, {n} samples (model loading {load_s:.1f} s, not included):")
     rows = [("encode + batch", f"{encode_s:.2f}", "", "")]
@@ -316,14 +348,23 @@ def main() -> None:
         rows.append((f"bare passes, batch size {args.batch_size}", f"{bare['seconds']:.2f}",
                      str(n), f"{bare['seconds'] / n:.3f}", f"{n / bare['seconds']:.2f}",
                      f"{bare['seconds'] / attr['seconds']:.2f}", mib(bare["peak_bytes"])))
-    print(f"Attribution ({1 + settings.steps} passes a batch: 1 clean forward + "
-          f"{settings.steps} forward/backward):")
+    if bare1 is not None:
+        per_b1 = bare1["seconds"] / n1
+        rows.append(("bare passes, one sample a pass", f"{bare1['seconds']:.2f}", str(n1),
+                     f"{per_b1:.3f}", f"{1 / per_b1:.2f}", f"{per_b1 / (attr['seconds'] / n):.2f}",
+                     mib(bare1["peak_bytes"])))
+    print(f"Attribution ({settings.steps} forward/backward passes a batch, the last of them "
+          f"also the clean run):")
     print_table(rows, ("run", "seconds", "samples", "s/sample", "samples/s", "time vs batched",
                        "peak memory"))
     print()
     if single is not None:
         print(f"batched throughput / one-at-a-time throughput: "
               f"{per1 / (attr['seconds'] / n):.2f}x   (target >= 2)")
+    if bare1 is not None:
+        print(f"the same ratio for the bare passes:            "
+              f"{per_b1 / (bare['seconds'] / n):.2f}x   (what batching gives the model itself "
+              f"on this device)")
     if bare is not None:
         print(f"attribution time / bare passes time:          "
               f"{attr['seconds'] / bare['seconds']:.2f}x   (target <= 1.5)")
