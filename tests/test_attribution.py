@@ -50,10 +50,13 @@ def edge_kind(g, e: int) -> str:
     return f"{parent}->{child}"
 
 
-def patched_metric_per_edge(runner, batch, keep_value: float, metric: str,
+def patched_metric_per_edge(runner, batch, keep_value: float, metric: str, baseline=None,
                             chunk: int = 64) -> torch.Tensor:
     """(B, E): the metric of every sample with one edge at a time set to ``keep_value`` (every
-    other edge kept), zero baseline. Many edge variants of the batch go through one forward."""
+    other edge kept), zero baseline unless given. Many edge variants of the batch go through
+    one forward."""
+    baseline = baseline or ZeroBaseline()
+    z_base = baseline.for_batch(runner, batch)  # (1 or B, ...): the batch's own baselines
     g = runner.graph
     b, e_total = len(batch), g.n_edges
     dtype = next(runner.adapter.model.parameters()).dtype
@@ -67,9 +70,9 @@ def patched_metric_per_edge(runner, batch, keep_value: float, metric: str,
         targets = AnswerTargets.from_batch(big.input_ids, big.answer_mask)
         keep = torch.ones(k, e_total, dtype=dtype)
         keep[torch.arange(k), edges] = keep_value
-        values = patched_metric(runner, big, keep.repeat_interleave(b, 0),
-                                ZeroBaseline().for_batch(runner, big), metric, targets,
-                                clean.repeat(k))
+        big_base = z_base if z_base.shape[0] == 1 else z_base.repeat(k, 1, 1, 1)
+        values = patched_metric(runner, big, keep.repeat_interleave(b, 0), big_base, metric,
+                                targets, clean.repeat(k))
         out[:, edges] = values.double().view(k, b).T
     return out
 
@@ -106,15 +109,16 @@ def test_eap_score_is_the_derivative_of_the_patched_metric(family, make_lm, qa_s
                              f"(scale {scale:.2e}, tolerance {tol:.1e})"
 
 
-@pytest.mark.parametrize("method", ["eap-ig-activations",
+@pytest.mark.parametrize("method", ["eap-ig-activations", "eap-ig-activations-by-layer",
                                     "eap-ig-inputs"])
 def test_one_step_integrated_gradients_is_eap(method, family, make_lm, qa_samples):
     """With one step the only point of the path is the clean run (alpha = 1)."""
     lm = make_lm(family)
     runner = ResidualRunner(lm.adapter)
     batch = encode(lm, qa_samples[:3])
-    eap = attribute(runner, batch, ZeroBaseline(), AttributionSettings("eap", 1, "logprob"))
-    ig = attribute(runner, batch, ZeroBaseline(), AttributionSettings(method, 1, "logprob"))
+    base = CorruptBaseline(lm.tokenizer)
+    eap = attribute(runner, batch, base, AttributionSettings("eap", 1, "logprob"))
+    ig = attribute(runner, batch, base, AttributionSettings(method, 1, "logprob"))
     scale = eap.edge_scores.abs().max()
     assert scale > 0
     assert (ig.edge_scores - eap.edge_scores).abs().max() <= 1e-6 * scale
@@ -160,27 +164,67 @@ def test_clean_logprob_is_hf_mean_answer_logprob(family, make_lm, qa_samples):
 
 
 # EAP-IG vs brute force ----------------------------------------------------------------------
+@pytest.mark.parametrize("method, baseline", [("eap-ig-activations", "corrupt"),
+                                              ("eap-ig-activations-by-layer", "zero"),
+                                              ("eap-ig-inputs", "corrupt")])
 @pytest.mark.parametrize("metric", ["kl", "logprob"])
-def test_eap_ig_ranks_edges_like_brute_force_patching(metric, family, make_lm, qa_samples,
-                                                      record_property):
-    """Patch every single edge (zero baseline) and measure the change of the metric: its
-    magnitude and the EAP-IG-activations score's magnitude rank edges alike (Spearman).
+def test_eap_ig_ranks_edges_like_brute_force_patching(metric, method, baseline, family, make_lm,
+                                                      qa_samples, record_property):
+    """Patch every single edge to the baseline and measure the change of the metric: its
+    magnitude and the EAP-IG score's magnitude rank edges alike (Spearman).
     Float64 and the default small weights: single-edge effects are then near-linear and far
     above rounding (in float32 the smallest ones are, and rho drops to ~0.88-0.97)."""
     lm = make_lm(family, dtype=torch.float64, randomised=False)
     runner = ResidualRunner(lm.adapter)
     batch = encode(lm, qa_samples[:2])
+    base = make_baseline(baseline, tokenizer=lm.tokenizer)
     targets = AnswerTargets.from_batch(batch.input_ids, batch.answer_mask)
     clean = clean_mean_logprob(runner, batch, targets)
-    effect = patched_metric_per_edge(runner, batch, 0.0, metric) \
+    effect = patched_metric_per_edge(runner, batch, 0.0, metric, base) \
         - metric_value(metric, clean, clean).double()[:, None]
-    scores = attribute(runner, batch, ZeroBaseline(),
-                       AttributionSettings("eap-ig-activations", 5, metric)).edge_scores
+    scores = attribute(runner, batch, base, AttributionSettings(method, 5, metric)).edge_scores
     rhos = [spearmanr(effect[i].abs().numpy(), scores[i].abs().numpy()).statistic
             for i in range(len(batch))]
-    record_property(f"spearman_{family}_{metric}", [round(float(r), 3) for r in rhos])
-    print(f"spearman {family} {metric}: {[round(float(r), 3) for r in rhos]}")
-    assert min(rhos) >= 0.85, f"Spearman(|brute force|, |EAP-IG|) = {rhos} for {family}/{metric}"
+    record_property(f"spearman_{family}_{method}_{baseline}_{metric}",
+                    [round(float(r), 3) for r in rhos])
+    print(f"spearman {family} {method} {baseline} {metric}: "
+          f"{[round(float(r), 3) for r in rhos]}")
+    assert min(rhos) >= 0.85, f"Spearman(|brute force|, |EAP-IG|) = {rhos} for " \
+                              f"{family}/{method}/{baseline}/{metric}"
+
+
+def test_joint_activations_and_the_zero_baseline_are_refused(make_lm, qa_samples):
+    """Moving every node towards 0 at once only rescales the stream (normalised readers):
+    refused, in the library and in the settings of a run."""
+    from cud.circuits.pipeline import CircuitSettings
+    lm = make_lm("llama")
+    runner = ResidualRunner(lm.adapter)
+    batch = encode(lm, qa_samples[:1])
+    with pytest.raises(ConfigError, match="rescales the residual stream"):
+        attribute(runner, batch, ZeroBaseline(), AttributionSettings("eap-ig-activations", 2))
+    with pytest.raises(ConfigError, match="eap-ig-activations-by-layer"):
+        CircuitSettings(baseline="zero")
+    assert CircuitSettings().baseline == "corrupt"
+    CircuitSettings(AttributionSettings("eap-ig-activations-by-layer"), baseline="zero")
+
+
+def test_joint_activations_with_the_zero_baseline_would_explode(make_lm, qa_samples):
+    """Why it is refused: on a pre-norm model (llama, no biases) every node moved to alpha z
+    leaves every normalised reader input as it is, so the path's metric is flat while the
+    straight-through gradients grow by about 1/alpha per layer crossed."""
+    from cud.circuits.runner import Interpolation
+    lm = make_lm("llama", num_hidden_layers=6)
+    runner = ResidualRunner(lm.adapter)
+    batch = encode(lm, qa_samples[:2])
+    targets = AnswerTargets.from_batch(batch.input_ids, batch.answer_mask)
+    with torch.no_grad():
+        clean = runner.run(batch.input_ids, batch.attention_mask, logit_mask=targets.positions,
+                           record=True)
+        path = Interpolation(clean.outputs, ZeroBaseline().for_batch(runner, batch), 1.0)
+        moved = runner.run(batch.input_ids, batch.attention_mask, logit_mask=targets.positions,
+                           interpolation=path.at(0.2))
+    torch.testing.assert_close(targets.mean_logprob(moved.logits),
+                               targets.mean_logprob(clean.logits), rtol=1e-3, atol=1e-3)
 
 
 # Batched == one at a time -------------------------------------------------------------------
@@ -204,13 +248,13 @@ def baselines_for(make_lm, qa_samples):
     return get
 
 
-@pytest.mark.parametrize("baseline", ["zero", "mean", "corrupt"])
-@pytest.mark.parametrize("method, metric", [
-    ("eap", "logprob"),
-    ("eap-ig-activations", "kl"),
-    ("eap-ig-activations", "logprob"),
-    ("eap-ig-inputs", "kl"),
-])
+@pytest.mark.parametrize("method, metric, baseline", [
+    (method, metric, baseline)
+    for method, metric in [("eap", "logprob"), ("eap-ig-activations", "kl"),
+                           ("eap-ig-activations", "logprob"), ("eap-ig-activations-by-layer", "kl"),
+                           ("eap-ig-inputs", "kl")]
+    for baseline in ["zero", "mean", "corrupt"]
+    if not (method == "eap-ig-activations" and baseline == "zero")])
 def test_batched_scores_equal_one_sample_at_a_time(method, metric, baseline, family, make_lm,
                                                    qa_samples, baselines_for):
     lm = make_lm(family)

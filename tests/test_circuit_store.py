@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from cud.circuits.attribution import AttributionSettings, attribute
-from cud.circuits.baseline_activations import ZeroBaseline
+from cud.circuits.baseline_activations import CorruptBaseline
 from cud.circuits.export import circuit_from_json
 from cud.circuits.pipeline import CircuitSettings, find_circuits
 from cud.circuits.runner import ResidualRunner
@@ -47,7 +47,8 @@ def test_stored_results_equal_a_direct_computation(lm, samples, tmp_path):
     runner = ResidualRunner(lm.adapter)
     enc = encode_samples(lm.tokenizer, samples)
     for batch in batches(enc, 4, lm.pad_token_id):
-        att = attribute(runner, batch, ZeroBaseline(), SETTINGS.attribution)
+        baseline = CorruptBaseline(lm.tokenizer, seed=SETTINGS.seed)  # the default baseline
+        att = attribute(runner, batch, baseline, SETTINGS.attribution)
         got = cs.subset(batch.ids)
         assert torch.equal(got.edge_scores, att.edge_scores)
         assert torch.equal(got.circuits, select(runner.graph, att.edge_scores, SETTINGS.selection))

@@ -61,10 +61,11 @@ def test_shared_capture_gives_the_gradients_of_copies(variant_lm, padded_batch, 
         assert (x - y).abs().max().item() <= 1e-5 * scale, f"group {k}"
 
 
-@pytest.mark.parametrize("method", ["eap-ig-activations", "eap-ig-inputs", "eap"])
+@pytest.mark.parametrize("method", ["eap-ig-activations", "eap-ig-activations-by-layer",
+                                    "eap-ig-inputs", "eap"])
 def test_shared_capture_gives_the_scores_of_copies(variant_lm, padded_batch, method):
     lm, batch = variant_lm, padded_batch
-    base = make_baseline("zero")
+    base = make_baseline("corrupt", tokenizer=lm.tokenizer)
     settings = AttributionSettings(method, 3, "logprob")
     got = attribute(ResidualRunner(lm.adapter), batch, base, settings)
     want = attribute(ResidualRunner(lm.adapter, copies=True), batch, base, settings)
@@ -81,9 +82,9 @@ def test_shared_capture_gives_the_kl_scores_of_copies(family, make_lm, qa_sample
     lm = make_lm(family, dtype=torch.float64)
     batch = collate(encode_samples(lm.tokenizer, qa_samples[:4]), lm.pad_token_id)
     settings = AttributionSettings("eap-ig-activations", 3, "kl")
-    got = attribute(ResidualRunner(lm.adapter), batch, make_baseline("zero"), settings)
-    want = attribute(ResidualRunner(lm.adapter, copies=True), batch, make_baseline("zero"),
-                     settings)
+    base = make_baseline("corrupt", tokenizer=lm.tokenizer)
+    got = attribute(ResidualRunner(lm.adapter), batch, base, settings)
+    want = attribute(ResidualRunner(lm.adapter, copies=True), batch, base, settings)
     scale = want.edge_scores.abs().max().item()
     assert scale > 0
     # LlamaRMSNorm computes in float32 even in a float64 model
@@ -158,7 +159,7 @@ def test_faithfulness_reuses_the_attributions_clean_logprob(make_lm, qa_samples)
     runner = ResidualRunner(lm.adapter)
     batch = collate(encode_samples(lm.tokenizer, qa_samples[:3]), lm.pad_token_id)
     base = make_baseline("zero")
-    att = attribute(runner, batch, base, AttributionSettings(steps=2))
+    att = attribute(runner, batch, base, AttributionSettings("eap-ig-activations-by-layer", 2))
     circuits = torch.zeros(3, runner.graph.n_edges, dtype=torch.bool)
     circuits[:, att.edge_scores.abs().argsort(1, descending=True)[0, :40]] = True
     given = faithfulness(runner, batch, circuits, base, "kl", clean_logprob=att.clean_logprob)

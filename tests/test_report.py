@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     """Real circuits of a tiny model, anchor circuits, a CUD, and outcomes that follow the CUD
     (less forgetting where CUD is high) with noise, so the report's signs can be checked."""
     from cud.circuits.attribution import AttributionSettings, attribute
-    from cud.circuits.baseline_activations import ZeroBaseline
+    from cud.circuits.baseline_activations import CorruptBaseline
     from cud.circuits.runner import ResidualRunner
     from cud.circuits.selection import SelectionSettings, select
     from cud.data import batches, encode_samples, fictitious_authors
@@ -43,7 +43,7 @@ def run(tmp_path_factory):
     graph = runner.graph
     ids, scores = [], []
     for batch in batches(encode_samples(lm.tokenizer, samples), 10, lm.pad_token_id):
-        a = attribute(runner, batch, ZeroBaseline(), AttributionSettings(steps=2))
+        a = attribute(runner, batch, CorruptBaseline(lm.tokenizer), AttributionSettings(steps=2))
         ids += a.ids
         scores.append(a.edge_scores)
     torch.set_num_threads(threads)

@@ -225,7 +225,8 @@ def test_faithfulness_is_one_for_the_full_graph_and_zero_for_the_empty_circuit(
 
 @pytest.fixture(scope="module")
 def kl_attribution(make_lm, qa_samples):
-    """family -> (lm, runner, batch of 8, EAP-IG kl scores), default (unrandomised) models."""
+    """family -> (lm, runner, batch of 8, EAP-IG kl scores), default (unrandomised) models;
+    zero baseline, so the reference code's by-layer schedule."""
     cache = {}
 
     def get(family):
@@ -234,7 +235,7 @@ def kl_attribution(make_lm, qa_samples):
             runner = ResidualRunner(lm.adapter)
             batch = encode(lm, qa_samples[:8])
             att = attribute(runner, batch, make_baseline("zero"),
-                            AttributionSettings("eap-ig-activations", 5, "kl"))
+                            AttributionSettings("eap-ig-activations-by-layer", 5, "kl"))
             cache[family] = (lm, runner, batch, att.edge_scores)
         return cache[family]
 

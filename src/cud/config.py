@@ -38,7 +38,7 @@ class FinetuneStage:
 class CircuitsStage:
     method: str = "eap-ig-activations"
     steps: int = 5
-    baseline: str = "zero"
+    baseline: str = "corrupt"
     metric: str = "kl"
     selection: str = "greedy"
     n_edges: int = 75

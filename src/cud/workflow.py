@@ -166,7 +166,7 @@ def check(config: RunConfig) -> None:
                                                     metric=c.metric),
                     selection=SelectionSettings(selection=c.selection, n_edges=c.n_edges,
                                                 threshold=c.threshold),
-                    baseline=c.baseline if c.baseline != "mean" else "zero")
+                    baseline=c.baseline if c.baseline != "mean" else "corrupt")
     if c.baseline == "mean":
         raise ConfigError("circuits.baseline: cud run supports 'zero' and 'corrupt'; for "
                           "'mean' run `cud circuits --baseline mean --reference DATA`")

@@ -10,8 +10,19 @@ Methods:
 - ``eap-ig-inputs``: the input embeddings move on the straight line from the baseline to the
   clean embeddings, alpha = k/m, k = 1..m (Hanna et al. 2024).
 - ``eap-ig-activations`` (default): every node's output moves on that line at once, alpha = k/m,
-  with gradients taken through each node's own computation (ours: one pass per step for the whole
-  graph; the reference code interpolates one layer group at a time, which costs a pass per layer).
+  with gradients taken through each node's own computation (ours: one pass per step for the
+  whole graph).
+- ``eap-ig-activations-by-layer``: the reference code's schedule. The node groups (the input,
+  then each layer's attention and each layer's MLP: 2L + 1 groups) move on that line one group
+  at a time, every other node clean; the gradients of all (2L + 1) m passes are averaged. The
+  alpha = 1 pass is the same clean run for every group, so it runs once: (2L + 1)(m - 1) + 1
+  passes.
+
+Moving *every* node towards the zero baseline at once only rescales the residual stream, which a
+model whose readers normalise their input cannot see (every supported family), and the
+straight-through gradients then grow by 1/alpha at every layer they cross: on SmolLM2 the
+scores reached 1e13 to 1e21. That combination is refused (:func:`check_method_and_baseline`);
+the zero baseline works with the other three methods.
 """
 
 from __future__ import annotations
@@ -28,7 +39,18 @@ from cud.circuits.runner import Interpolation, ResidualRunner
 from cud.data.encoding import Batch
 from cud.errors import ConfigError
 
-METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
+METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "eap-ig-activations-by-layer")
+
+
+def check_method_and_baseline(method: str, baseline: str) -> None:
+    """Refuse the one combination whose scores are meaningless (see the module docstring)."""
+    if method == "eap-ig-activations" and baseline == "zero":
+        raise ConfigError(
+            "eap-ig-activations with the zero baseline moves every node's output towards 0 at "
+            "once: that only rescales the residual stream, which a model whose layers normalise "
+            "their input cannot see, and its gradients grow by 1/alpha per layer. Use --baseline "
+            "corrupt or mean, --method eap-ig-activations-by-layer (the reference code's "
+            "schedule), eap-ig-inputs, or eap with --metric logprob")
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,12 @@ class AttributionSettings:
         if self.method == "eap":
             return [1.0]
         return [k / self.steps for k in range(1, self.steps + 1)]
+
+    def n_passes(self, n_layers: int) -> int:
+        """Forward + backward passes per batch on a model of ``n_layers`` layers."""
+        if self.method == "eap-ig-activations-by-layer":
+            return (2 * n_layers + 1) * (self.steps - 1) + 1
+        return len(self.alphas)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,19 +113,31 @@ def attribute(runner: ResidualRunner, batch: Batch, baseline: BaselineActivation
     targets = AnswerTargets.from_batch(batch.input_ids, batch.answer_mask)
     gradients = ReaderGradients(runner)  # sums of dM/d(in_v) over the integration steps
 
-    def gradient_pass(interpolation: Interpolation | None, record: bool = False):
+    def gradient_pass(interpolation: Interpolation | None, record: bool = False,
+                      weight: int = 1):
         with torch.enable_grad():
             run = runner.run(batch.input_ids, batch.attention_mask,
                              logit_mask=targets.positions, capture=True, record=record,
                              interpolation=interpolation)
             logprob = targets.mean_logprob(run.logits)
             reference = logprob.detach() if record else clean_logprob
-            gradients.add(run.capture, metric_value(settings.metric, logprob, reference))
+            values = metric_value(settings.metric, logprob, reference)
+            gradients.add(run.capture, values * weight if weight != 1 else values)
         return run.outputs, logprob.detach()
 
+    check_method_and_baseline(settings.method, baseline.name)
     alphas = settings.alphas
     assert alphas[-1] == 1.0
-    clean_outputs, clean_logprob = gradient_pass(None, record=True)
+    # the node groups moved one at a time (by layer), or all at once (None)
+    if settings.method == "eap-ig-activations-by-layer":
+        groups = [(0, 1)]
+        for layer in range(a.n_layers):
+            f0 = g.head_forward(layer, 0)
+            groups += [(f0, f0 + a.n_heads), (g.mlp_forward(layer), g.mlp_forward(layer) + 1)]
+    else:
+        groups = [None]
+    # the alpha = 1 pass stands for every group's (identical) clean pass
+    clean_outputs, clean_logprob = gradient_pass(None, record=True, weight=len(groups))
     with torch.no_grad():
         z_base = baseline.for_batch(runner, batch)
         # (B, F, T, d): z' - z on real tokens, 0 on padding, each node's values contiguous so
@@ -109,11 +149,12 @@ def attribute(runner: ResidualRunner, batch: Batch, baseline: BaselineActivation
     if len(alphas) > 1:
         path = Interpolation(clean=clean_outputs, baseline=z_base, alpha=1.0,
                              input_only=settings.method == "eap-ig-inputs")
-        for alpha in alphas[:-1]:
-            gradient_pass(path.at(alpha))
+        for group in groups:
+            for alpha in alphas[:-1]:
+                gradient_pass(path.at(alpha, group))
     del clean_outputs
 
-    scale = 1.0 / len(settings.alphas)
+    scale = 1.0 / (len(groups) * len(alphas))
     matrix = torch.zeros(b, g.n_forward, g.n_backward, dtype=torch.float32, device=device)
     delta_flat = delta.view(b, g.n_forward, t * d)
 

@@ -20,7 +20,8 @@ from typing import Callable, Collection, Sequence
 import pandas as pd
 import torch
 
-from cud.circuits.attribution import AttributionSettings, attribute
+from cud.circuits.attribution import (AttributionSettings, attribute,
+                                     check_method_and_baseline)
 from cud.circuits.baseline_activations import BASELINES, BaselineActivations, make_baseline
 from cud.circuits.export import write_circuit_json
 from cud.circuits.faithfulness import faithfulness
@@ -37,8 +38,10 @@ OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryErr
 
 
 #: Bumped whenever a code change alters the scores of the same settings, so a folder of older
-#: scores is refused instead of being mixed with new ones (2: kl from log-probabilities).
-SCORES_VERSION = 2
+#: scores is refused instead of being mixed with new ones (2: kl from log-probabilities; 3: the
+#: heads' gradients from one shared stream and the alpha = 1 pass as the clean run, which round
+#: differently).
+SCORES_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,9 @@ class CircuitSettings:
 
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     selection: SelectionSettings = field(default_factory=SelectionSettings)
-    baseline: str = "zero"
+    #: corrupt by default: the zero baseline and the default method do not go together
+    #: (:func:`~cud.circuits.attribution.check_method_and_baseline`)
+    baseline: str = "corrupt"
     #: data spec of the reference set of the ``mean`` baseline
     reference: str | None = None
     #: seed of the ``corrupt`` baseline
@@ -60,6 +65,7 @@ class CircuitSettings:
                               f"(choose from {', '.join(BASELINES)})")
         if self.baseline == "mean" and not self.reference:
             raise ConfigError("the mean baseline needs a reference set (--reference DATA)")
+        check_method_and_baseline(self.attribution.method, self.baseline)
 
     def to_dict(self) -> dict:
         return {**self.attribution.to_dict(), **self.selection.to_dict(),

@@ -45,18 +45,27 @@ class EdgePatch:
 @dataclass
 class Interpolation:
     """Node outputs set to ``baseline + alpha * (clean - baseline)``. ``clean``: (B, T, F, d);
-    ``baseline``: broadcastable to it. ``input_only``: only the input node (EAP-IG over inputs)."""
+    ``baseline``: broadcastable to it. ``input_only``: only the input node (EAP-IG over inputs).
+    ``group``: only the forward nodes group[0]..group[1]-1 (one node group: the input, a
+    layer's heads or a layer's MLP), every other node clean."""
 
     clean: Tensor
     baseline: Tensor
     alpha: float
     input_only: bool = False
+    group: tuple[int, int] | None = None
     #: (baseline sum, clean sum - baseline sum) of node groups; shared by :meth:`at`'s copies
     _sums: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def at(self, alpha: float) -> "Interpolation":
-        """The same path at another ``alpha`` (the group sums are computed once for all)."""
-        return replace(self, alpha=alpha)
+    def at(self, alpha: float, group: tuple[int, int] | None = None) -> "Interpolation":
+        """The same path at another ``alpha`` (and ``group``); the sums are computed once."""
+        return replace(self, alpha=alpha, group=group)
+
+    def moves(self, f0: int, f1: int, is_input: bool) -> bool:
+        """Whether the node group f0..f1-1 is interpolated."""
+        if self.input_only:
+            return is_input
+        return self.group is None or self.group == (f0, f1)
 
     def target(self, f0: int, f1: int) -> Tensor:
         """(B, T, f1 - f0, d): the interpolated outputs of forward nodes f0..f1-1."""
@@ -201,7 +210,7 @@ class ResidualRunner:
             """z's value becomes the interpolation target; its gradient stays z's. With
             ``summed`` (or a single node), z (B, T, d) is the sum of nodes f0..f1-1 and takes
             the sum of their targets."""
-            if interpolation is None or (interpolation.input_only and not is_input):
+            if interpolation is None or not interpolation.moves(f0, f1, is_input):
                 return z
             if summed or f1 - f0 == 1:
                 target = interpolation.target_sum(f0, f1).expand_as(z)

@@ -19,9 +19,13 @@ def circuits(
     split: Optional[str] = typer.Option(None, help="Split of a dataset folder."),
     out: str = typer.Option("cud-out/circuits", help="Output folder (created, or resumed)."),
     method: str = typer.Option("eap-ig-activations",
-                               help="eap, eap-ig-inputs or eap-ig-activations."),
+                               help="eap, eap-ig-inputs, eap-ig-activations or "
+                                    "eap-ig-activations-by-layer (the reference code's schedule: "
+                                    "2L+1 times the passes)."),
     steps: int = typer.Option(5, help="Integration steps of eap-ig-*."),
-    baseline: str = typer.Option("zero", help="zero, mean (needs --reference) or corrupt."),
+    baseline: str = typer.Option("corrupt", help="corrupt (question tokens replaced), zero (not "
+                                                 "with eap-ig-activations) or mean (needs "
+                                                 "--reference)."),
     reference: Optional[str] = typer.Option(None, help="Reference QA data of the mean baseline."),
     metric: str = typer.Option("kl", help="kl or logprob."),
     selection: str = typer.Option("greedy", help="greedy, topn or threshold."),
