@@ -8,11 +8,12 @@ Three figures, all measured in the same run so their ratios are comparable:
    against attribution with batch size 1 (the reference EAP-IG code's protocol) on the first
    ``--single-samples`` samples.
 3. **Attribution versus bare passes** of the same count and batch size: for every batch of (1),
-   ``--steps`` forward + backward passes (attribution runs one per integration step; the step at
-   alpha = 1 is also its clean run) of the plain Hugging Face model: backbone forward, the LM
-   head at the answer-predicting positions
-   (attribution reads the logits only there too), mean answer NLL, backward to the *input
-   embeddings* (no parameter gradients: attribution computes none either). Peak memory of both:
+   as many forward + backward passes as attribution runs (one per integration step for
+   ``eap-ig-activations``, the step at alpha = 1 also being its clean run), plus the one no-grad
+   forward the corrupt baseline's corrupted run costs, of the plain Hugging Face model: backbone
+   forward, the LM head at the answer-predicting positions (attribution reads the logits only
+   there too), mean answer NLL, backward to the *input embeddings* (no parameter gradients:
+   attribution computes none either). Peak memory of both:
    on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on the
    CPU the peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``
    after ``malloc_trim`` hands freed memory back) above the resident size before the call, or
@@ -25,7 +26,7 @@ default to CUDA + bf16 when present, else CPU + fp32.
 
 Usage: python bench/attribution.py [--n-samples 32] [--batch-size 16] [--steps 5]
        [--single-samples 8] [--model smollm2 | --config llama-3.2-1b] [--device cuda]
-       [--dtype bfloat16] [--threads N]
+       [--dtype bfloat16] [--threads N] [--method eap-ig-activations] [--baseline corrupt]
        python bench/attribution.py --n-samples 100      # the 100-sample end-to-end figure
 Prints seconds, peak memory and ratios; never asserted in tests.
 """
@@ -191,8 +192,9 @@ def one_at_a_time(runner, bs1, baseline, settings, meter, memory=None):
     return stats
 
 
-def bare_passes(lm, bs, steps, meter, memory=None):
-    """Per batch: ``steps`` forward + backward passes to the input embeddings."""
+def bare_passes(lm, bs, steps, meter, memory=None, forwards=0):
+    """Per batch: ``forwards`` no-grad forwards, then ``steps`` forward + backward passes to the
+    input embeddings."""
     from cud.circuits.metrics import AnswerTargets
     model, device = lm.model, lm.device
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
@@ -209,6 +211,9 @@ def bare_passes(lm, bs, steps, meter, memory=None):
         batch = batch.to(device)
         targets = AnswerTargets.from_batch(batch.input_ids, batch.answer_mask)
         with meter.measure(stats, memory):
+            with torch.no_grad():
+                for _ in range(forwards):
+                    loss_of(embed(batch.input_ids), batch, targets)
             for _ in range(steps):
                 embeds = embed(batch.input_ids).detach().requires_grad_()
                 torch.autograd.grad(loss_of(embeds, batch, targets), embeds)
@@ -242,6 +247,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="integration steps of EAP-IG")
     parser.add_argument("--n-edges", type=int, default=75, help="greedy circuit size")
+    parser.add_argument("--method", default="eap-ig-activations",
+                        help="attribution method (default eap-ig-activations)")
+    parser.add_argument("--baseline", default="corrupt", choices=["corrupt", "zero"],
+                        help="baseline activations (default corrupt, as cud circuits)")
     parser.add_argument("--single-samples", type=int, default=8,
                         help="samples run one at a time for the batched-vs-single figure (0: skip)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare-pass comparison")
@@ -258,7 +267,7 @@ def main() -> None:
         retained = retain_freed_memory()
 
     from cud.circuits.attribution import AttributionSettings, attribute
-    from cud.circuits.baseline_activations import ZeroBaseline
+    from cud.circuits.baseline_activations import make_baseline
     from cud.circuits.runner import ResidualRunner
     from cud.circuits.selection import SelectionSettings
     from cud.data import batches, encode_samples, load_qa
@@ -277,9 +286,11 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} at start, freed memory "
           f"{'kept' if retained else 'given back'}")
 
-    settings = AttributionSettings(method="eap-ig-activations", steps=args.steps, metric="kl")
+    settings = AttributionSettings(method=args.method, steps=args.steps, metric="kl")
     selection = SelectionSettings(selection="greedy", n_edges=args.n_edges)
-    baseline = ZeroBaseline()
+    baseline = make_baseline(args.baseline, tokenizer=lm.tokenizer)
+    n_passes = settings.n_passes(g.n_layers)
+    forwards = 1 if args.baseline == "corrupt" else 0  # the corrupted run's recorded outputs
 
     t = time.perf_counter()
     samples = load_qa(f"builtin:{args.n_samples}")
@@ -291,7 +302,7 @@ def main() -> None:
           f"{len(bs)} batches of up to {args.batch_size} (padded length "
           f"{min(b.input_ids.shape[1] for b in bs)}-{max(b.input_ids.shape[1] for b in bs)})")
     print(f"method {settings.method}, {settings.steps} steps, metric {settings.metric}, "
-          f"zero baseline, greedy {args.n_edges} edges + faithfulness\n")
+          f"{args.baseline} baseline, greedy {args.n_edges} edges + faithfulness\n")
 
     # warm-up: first calls pay for lazy initialisation (kernels, allocator, thread pools)
     attribute(runner, bs[0], baseline, AttributionSettings(steps=1))
@@ -306,10 +317,10 @@ def main() -> None:
         bs1 = batches(enc[:args.single_samples], batch_size=1, pad_token_id=lm.pad_token_id)
         single = one_at_a_time(runner, bs1, baseline, settings, meter)
         n1 = len(bs1)
-    bare = None if args.no_bare else bare_passes(lm, bs, settings.steps, meter)
+    bare = None if args.no_bare else bare_passes(lm, bs, n_passes, meter, forwards=forwards)
     bare1 = None
     if not args.no_bare and single is not None:
-        bare1 = bare_passes(lm, bs1, settings.steps, meter)
+        bare1 = bare_passes(lm, bs1, n_passes, meter, forwards=forwards)
     load_end = os.getloadavg()[0]
     if not meter.cuda:  # peaks apart from the timed runs, on the first batch of each
         mem, _ = end_to_end(lm, runner, bs[:1], baseline, settings, selection, meter, True)
@@ -319,11 +330,11 @@ def main() -> None:
             single["peak_bytes"] = one_at_a_time(runner, bs1[:1], baseline, settings, meter,
                                                  True)["peak_bytes"]
         if bare is not None:
-            bare["peak_bytes"] = bare_passes(lm, bs[:1], settings.steps, meter,
-                                             True)["peak_bytes"]
+            bare["peak_bytes"] = bare_passes(lm, bs[:1], n_passes, meter, True,
+                                             forwards=forwards)["peak_bytes"]
         if bare1 is not None:
-            bare1["peak_bytes"] = bare_passes(lm, bs1[:1], settings.steps, meter,
-                                              True)["peak_bytes"]
+            bare1["peak_bytes"] = bare_passes(lm, bs1[:1], n_passes, meter, True,
+                                              forwards=forwards)["peak_bytes"]
 
     print(f"End to end, {n} samples (model loading {load_s:.1f} s, not included):")
     rows = [("encode + batch", f"{encode_s:.2f}", "", "")]
@@ -353,8 +364,8 @@ def main() -> None:
         rows.append(("bare passes, one sample a pass", f"{bare1['seconds']:.2f}", str(n1),
                      f"{per_b1:.3f}", f"{1 / per_b1:.2f}", f"{per_b1 / (attr['seconds'] / n):.2f}",
                      mib(bare1["peak_bytes"])))
-    print(f"Attribution ({settings.steps} forward/backward passes a batch, the last of them "
-          f"also the clean run):")
+    print(f"Attribution ({n_passes} forward/backward passes a batch, the last of them also the "
+          f"clean run, + {forwards} forward for the baseline):")
     print_table(rows, ("run", "seconds", "samples", "s/sample", "samples/s", "time vs batched",
                        "peak memory"))
     print()
