@@ -42,14 +42,18 @@ def reader_gradients(runner, batch, baseline, metric="logprob", alphas=(0.5, 1.0
     return list(gradients.groups())
 
 
-@pytest.mark.parametrize("baseline", ["zero", "corrupt"])
-def test_shared_capture_gives_the_gradients_of_copies(variant_lm, padded_batch, baseline):
+@pytest.mark.parametrize("baseline, n_passes", [("zero", 2), ("corrupt", 2), ("corrupt", 30)])
+def test_shared_capture_gives_the_gradients_of_copies(variant_lm, padded_batch, baseline,
+                                                      n_passes):
+    """30 passes: more than 3H, so the kept per-pass terms are folded into one sum."""
     lm, batch = variant_lm, padded_batch
     base = make_baseline(baseline, tokenizer=lm.tokenizer)
     shared, copies = ResidualRunner(lm.adapter), ResidualRunner(lm.adapter, copies=True)
     assert not shared.copies and copies.copies
-    got = reader_gradients(shared, batch, base)
-    want = reader_gradients(copies, batch, base)
+    assert n_passes == 2 or n_passes > 3 * lm.adapter.n_heads
+    alphas = [k / n_passes for k in range(1, n_passes + 1)]
+    got = reader_gradients(shared, batch, base, alphas=alphas)
+    want = reader_gradients(copies, batch, base, alphas=alphas)
     g = shared.graph
     assert len(got) == len(want) == 2 * g.n_layers + 1
     b, t = batch.input_ids.shape

@@ -15,8 +15,10 @@ Summed over the integration passes s, with ``W~_k = diag(w) W_k`` and using
     sum_s J_s^T W_k dq_s = P(W~_k) sum_s dq_s / r_s  -  sum_s x_hat_s c_s,
     c_s = (q_s - beta_k) . dq_s / (d r_s),
 
-so each pass only keeps (B, T, 3H, e) sums and a few (B, T) vectors per layer, and the
-(B, T, 3H, d) per-head gradients are formed once per batch instead of once per pass.
+so each pass only keeps (B, T, 3H, e) sums, a (B, T, 3H) vector and x_hat_s (B, T, d) per
+layer, and the (B, T, 3H, d) per-head gradients are formed once per batch instead of once per
+pass. Past 3H passes (the by-layer schedule runs hundreds) the kept x_hat_s c_s terms are folded
+into one (B, T, 3H, d) sum per layer, so memory stays bounded by what a copies capture holds.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class ReaderGradients:
         self._logits: Tensor | None = None
         self._coef: list[list[Tensor]] = []           # shared: per layer, c_s (B, T, 3, H)
         self._x_hat: list[list[Tensor]] = []          # shared: per layer, x_hat_s (B, T, d)
+        self._folded: list[Tensor | None] = []        # shared: per layer, sum x_hat_s c_s folded
+        self._betas: dict[int, Tensor] = {}
         self._shared: bool | None = None
 
     def add(self, capture: ReaderCapture, values: Tensor) -> None:
@@ -61,6 +65,7 @@ class ReaderGradients:
             self._shared = capture.shared
             self._coef = [[] for _ in layers]
             self._x_hat = [[] for _ in layers]
+            self._folded = [None for _ in layers]
         if capture.shared:
             if self._attention is None:
                 self._attention = [torch.zeros(q.shape[:2] + (3,) + q.shape[2:], dtype=self.dtype,
@@ -94,9 +99,27 @@ class ReaderGradients:
         acc = self._attention[layer]
         for i, dx in enumerate(dqkv):
             acc[:, :, i].addcmul_(dx, inv_r)
+        if len(self._coef[layer]) > 3 * a.n_heads:
+            self._fold(layer)
+
+    def _fold(self, layer: int) -> None:
+        """Adds the kept x_hat_s c_s terms of ``layer`` into its (3H, B, T, d) sum."""
+        coef = self._coef[layer][0]
+        b, t, _, h = coef.shape
+        if self._folded[layer] is None:
+            self._folded[layer] = torch.zeros(3 * h, b, t, self._x_hat[layer][0].shape[-1],
+                                              dtype=self.dtype, device=coef.device)
+        for coef, x_hat in zip(self._coef[layer], self._x_hat[layer]):
+            self._folded[layer].addcmul_(coef.permute(2, 3, 0, 1).reshape(3 * h, b, t, 1), x_hat)
+        self._coef[layer], self._x_hat[layer] = [], []
 
     def _beta(self, layer: int) -> Tensor:
         """(3, H, e): q, k, v of a zero normalised input, ``b W_k + b_k``."""
+        if layer not in self._betas:
+            self._betas[layer] = self._zero_projection(layer)
+        return self._betas[layer]
+
+    def _zero_projection(self, layer: int) -> Tensor:
         a = self.runner.adapter
         weight, bias = a.qkv_weights(layer)
         norm = a.reader_norm(layer)
@@ -138,7 +161,10 @@ class ReaderGradients:
         # P(W~_k) sum_s dq_s / r_s for every reader k at once: (3H, B*T, e) @ (3H, e, d)
         sums = dq_over_r.permute(2, 3, 0, 1, 4).reshape(3 * h, b * t, e)
         grad = torch.bmm(sums, w_t.reshape(3 * h, e, -1)).view(3 * h, b, t, -1)
-        # minus sum_s x_hat_s c_s, one fused pass per integration step
+        # minus sum_s x_hat_s c_s, one fused pass per integration step (and the folded ones)
         for coef, x_hat in zip(self._coef[layer], self._x_hat[layer]):
             grad.addcmul_(coef.permute(2, 3, 0, 1).reshape(3 * h, b, t, 1), x_hat, value=-1)
+        if self._folded[layer] is not None:
+            grad.sub_(self._folded[layer])
+            self._folded[layer] = None
         return grad.transpose(0, 1)  # (B, 3H, T, d), a view
