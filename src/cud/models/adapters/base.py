@@ -53,6 +53,10 @@ class ReaderNorm:
         if self.kind not in ("rms", "layer"):
             raise ValueError(f"unknown norm kind '{self.kind}'")
 
+    @classmethod
+    def of_layer_norm(cls, module: torch.nn.LayerNorm) -> "ReaderNorm":
+        return cls("layer", module.weight, module.bias, module.eps)
+
     def normalize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(..., d) -> (x_hat = P(x) / r, r (..., 1)), in float32 (float64 for float64 input)."""
         x = x.double() if x.dtype == torch.float64 else x.float()

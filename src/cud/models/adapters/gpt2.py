@@ -30,8 +30,7 @@ class GPT2Adapter(ResidualAdapter):
         return self.layers[layer].ln_1
 
     def reader_norm(self, layer: int) -> ReaderNorm:
-        ln = self.layers[layer].ln_1
-        return ReaderNorm("layer", ln.weight, ln.bias, ln.eps)
+        return ReaderNorm.of_layer_norm(self.layers[layer].ln_1)
 
     def qkv_weights(self, layer: int):
         attn = self.layers[layer].attn

@@ -37,8 +37,7 @@ class GPTNeoXAdapter(ResidualAdapter):
         return self.layers[layer].input_layernorm
 
     def reader_norm(self, layer: int) -> ReaderNorm:
-        ln = self.layers[layer].input_layernorm
-        return ReaderNorm("layer", ln.weight, ln.bias, ln.eps)
+        return ReaderNorm.of_layer_norm(self.layers[layer].input_layernorm)
 
     def qkv_weights(self, layer: int):
         qkv = self.layers[layer].attention.query_key_value
