@@ -122,7 +122,7 @@ def attribute(runner: ResidualRunner, batch: Batch, baseline: BaselineActivation
             logprob = targets.mean_logprob(run.logits)
             reference = logprob.detach() if record else clean_logprob
             values = metric_value(settings.metric, logprob, reference)
-            gradients.add(run.capture, values * weight if weight != 1 else values)
+            gradients.add(run.capture, values * weight)
         return run.outputs, logprob.detach()
 
     check_method_and_baseline(settings.method, baseline.name)
@@ -130,14 +130,14 @@ def attribute(runner: ResidualRunner, batch: Batch, baseline: BaselineActivation
     assert alphas[-1] == 1.0
     # the node groups moved one at a time (by layer), or all at once (None)
     if settings.method == "eap-ig-activations-by-layer":
-        groups = [(0, 1)]
+        node_groups = [(0, 1)]
         for layer in range(a.n_layers):
             f0 = g.head_forward(layer, 0)
-            groups += [(f0, f0 + a.n_heads), (g.mlp_forward(layer), g.mlp_forward(layer) + 1)]
+            node_groups += [(f0, f0 + a.n_heads), (g.mlp_forward(layer), g.mlp_forward(layer) + 1)]
     else:
-        groups = [None]
+        node_groups = [None]
     # the alpha = 1 pass stands for every group's (identical) clean pass
-    clean_outputs, clean_logprob = gradient_pass(None, record=True, weight=len(groups))
+    clean_outputs, clean_logprob = gradient_pass(None, record=True, weight=len(node_groups))
     with torch.no_grad():
         z_base = baseline.for_batch(runner, batch)
         # (B, F, T, d): z' - z on real tokens, 0 on padding, each node's values contiguous so
@@ -149,12 +149,12 @@ def attribute(runner: ResidualRunner, batch: Batch, baseline: BaselineActivation
     if len(alphas) > 1:
         path = Interpolation(clean=clean_outputs, baseline=z_base, alpha=1.0,
                              input_only=settings.method == "eap-ig-inputs")
-        for group in groups:
+        for group in node_groups:
             for alpha in alphas[:-1]:
                 gradient_pass(path.at(alpha, group))
     del clean_outputs
 
-    scale = 1.0 / (len(groups) * len(alphas))
+    scale = 1.0 / (len(node_groups) * len(alphas))
     matrix = torch.zeros(b, g.n_forward, g.n_backward, dtype=torch.float32, device=device)
     delta_flat = delta.view(b, g.n_forward, t * d)
 
@@ -166,11 +166,12 @@ def attribute(runner: ResidualRunner, batch: Batch, baseline: BaselineActivation
                            delta_flat[:, :n_up].transpose(1, 2))  # (B, V, n_up)
         matrix[:, :n_up, v0:v0 + v] = scores.transpose(1, 2).float() * scale
 
-    groups = gradients.groups()
+    reader_grads = gradients.groups()
     for layer in range(a.n_layers):
-        contract(g.attention_readers_upstream(layer), g.qkv_backward(layer, 0, 0), next(groups))
-        contract(g.mlp_readers_upstream(layer), g.mlp_backward(layer), next(groups))
-    contract(g.n_forward, g.logits_backward, next(groups))
+        contract(g.attention_readers_upstream(layer), g.qkv_backward(layer, 0, 0),
+                 next(reader_grads))
+        contract(g.mlp_readers_upstream(layer), g.mlp_backward(layer), next(reader_grads))
+    contract(g.n_forward, g.logits_backward, next(reader_grads))
     edge_scores = g.from_matrix(matrix).cpu()
     return Attribution(ids=list(batch.ids), edge_scores=edge_scores,
                        clean_logprob=clean_logprob.float().cpu())
