@@ -49,6 +49,7 @@ class ReaderGradients:
         self._x_hat: list[list[Tensor]] = []          # shared: per layer, x_hat_s (B, T, d)
         self._folded: list[Tensor | None] = []        # shared: per layer, sum x_hat_s c_s folded
         self._betas: dict[int, Tensor] = {}
+        self._weights: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._shared: bool | None = None
 
     def add(self, capture: ReaderCapture, values: Tensor) -> None:
@@ -119,9 +120,15 @@ class ReaderGradients:
             self._betas[layer] = self._zero_projection(layer)
         return self._betas[layer]
 
+    def _qkv_weights(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        """The adapter's per-head weights of ``layer``, built once per batch."""
+        if layer not in self._weights:
+            self._weights[layer] = self.runner.adapter.qkv_weights(layer)
+        return self._weights[layer]
+
     def _zero_projection(self, layer: int) -> Tensor:
         a = self.runner.adapter
-        weight, bias = a.qkv_weights(layer)
+        weight, bias = self._qkv_weights(layer)
         norm = a.reader_norm(layer)
         weight = weight.to(self.dtype)
         beta = torch.zeros(weight.shape[:2] + weight.shape[3:], dtype=self.dtype,
@@ -152,7 +159,8 @@ class ReaderGradients:
         a = self.runner.adapter
         b, t, _, h, e = dq_over_r.shape
         norm = a.reader_norm(layer)
-        weight, _ = a.qkv_weights(layer)
+        weight, _ = self._qkv_weights(layer)
+        del self._weights[layer]  # the layer's last use in this batch
         w_t = weight.transpose(2, 3).to(self.dtype)  # (3, H, e, d)
         if norm.weight is not None:
             w_t = w_t * norm.weight.to(self.dtype)

@@ -172,6 +172,11 @@ class _Patcher:
         correction = torch.bmm(coef.transpose(1, 2), diff.reshape(b, len(rows), t * d))
         return start[:, :, None] + correction.view(b, v, t, d).transpose(1, 2)
 
+    def input(self, resid: Tensor, base: Tensor, n_up: int, reader: int) -> Tensor:
+        """(B, T, d): the input of the single reader ``reader`` (an MLP, the logits)."""
+        x = self.inputs(resid, base, n_up, slice(reader, reader + 1))
+        return x[:, :, 0] if x.dim() == 4 else x
+
 
 class ResidualRunner:
     def __init__(self, adapter: ResidualAdapter, graph: Graph | None = None, *,
@@ -267,10 +272,8 @@ class ResidualRunner:
             mlp_resid = resid if a.parallel_attn_mlp else resid + attn_out
             if patcher is not None:
                 mlp_base = base if a.parallel_attn_mlp else base + base_attn
-                mb = g.mlp_backward(layer)
-                x_mlp = patcher.inputs(mlp_resid, mlp_base, g.mlp_readers_upstream(layer),
-                                       slice(mb, mb + 1))
-                x_mlp = x_mlp[:, :, 0] if x_mlp.dim() == 4 else x_mlp
+                x_mlp = patcher.input(mlp_resid, mlp_base, g.mlp_readers_upstream(layer),
+                                      g.mlp_backward(layer))
             else:
                 x_mlp = mlp_resid
             if capture:
@@ -288,9 +291,7 @@ class ResidualRunner:
                 if patcher is not None:
                     base = mlp_base + base_mlp
         if patcher is not None:
-            x_log = patcher.inputs(resid, base, g.n_forward,
-                                   slice(g.logits_backward, g.logits_backward + 1))
-            x_log = x_log[:, :, 0] if x_log.dim() == 4 else x_log
+            x_log = patcher.input(resid, base, g.n_forward, g.logits_backward)
         else:
             x_log = resid
         captured = None
