@@ -267,7 +267,7 @@ def main() -> None:
         retained = retain_freed_memory()
 
     from cud.circuits.attribution import AttributionSettings, attribute
-    from cud.circuits.baseline_activations import make_baseline
+    from cud.circuits.ablation import make_ablation
     from cud.circuits.runner import ResidualRunner
     from cud.circuits.selection import SelectionSettings
     from cud.data import batches, encode_samples, load_qa
@@ -288,7 +288,7 @@ def main() -> None:
 
     settings = AttributionSettings(method=args.method, steps=args.steps, metric="kl")
     selection = SelectionSettings(selection="greedy", n_edges=args.n_edges)
-    baseline = make_baseline(args.baseline, tokenizer=lm.tokenizer)
+    baseline = make_ablation(args.baseline, tokenizer=lm.tokenizer)
     n_passes = settings.n_passes(g.n_layers)
     forwards = 1 if args.baseline == "corrupt" else 0  # the corrupted run's recorded outputs
 

@@ -46,7 +46,8 @@ def main() -> None:
     from cud.data import collate, encode_samples, load_qa
     from cud.difficulty.baselines import mrd
     from cud.models import load_model
-    from cud.unlearning import METHODS, make_method, preset, split_forget_retain
+    from cud.data.prepare import split_forget_retain
+    from cud.unlearning import METHODS, hyperparameters, make_method
 
     t = time.perf_counter()
     lm = load_model(args.model) if args.model != "tiny" else \
@@ -83,7 +84,7 @@ def main() -> None:
     del net
     rows = [("bare step (HF labels loss)", bare)]
     for name in METHODS:
-        hyper, _ = preset(name, "quick")
+        hyper, _ = hyperparameters(name, "quick")
         method = make_method(name, **hyper)
         net = copy.deepcopy(lm.model)
         reference = copy.deepcopy(lm.model).eval() if method.needs_reference else None

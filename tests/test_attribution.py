@@ -13,8 +13,8 @@ import torch
 from scipy.stats import spearmanr
 
 from cud.circuits.attribution import AttributionSettings, attribute
-from cud.circuits.baseline_activations import (CorruptBaseline, MeanBaseline, ZeroBaseline,
-                                               corrupt_input_ids, make_baseline)
+from cud.circuits.ablation import (CorruptAblation, MeanAblation, ZeroAblation,
+                                               corrupt_input_ids, make_ablation)
 from cud.circuits.faithfulness import patched_metric
 from cud.circuits.metrics import AnswerTargets, metric_value
 from cud.circuits.runner import EdgePatch, ResidualRunner
@@ -55,7 +55,7 @@ def patched_metric_per_edge(runner, batch, keep_value: float, metric: str, basel
     """(B, E): the metric of every sample with one edge at a time set to ``keep_value`` (every
     other edge kept), zero baseline unless given. Many edge variants of the batch go through
     one forward."""
-    baseline = baseline or ZeroBaseline()
+    baseline = baseline or ZeroAblation()
     z_base = baseline.for_batch(runner, batch)  # (1 or B, ...): the batch's own baselines
     g = runner.graph
     b, e_total = len(batch), g.n_edges
@@ -85,7 +85,7 @@ def test_eap_score_is_the_derivative_of_the_patched_metric(family, make_lm, qa_s
     runner = ResidualRunner(lm.adapter)
     g = runner.graph
     batch = encode(lm, qa_samples[:3])
-    scores = attribute(runner, batch, ZeroBaseline(),
+    scores = attribute(runner, batch, ZeroAblation(),
                        AttributionSettings("eap", 1, "logprob")).edge_scores.double()
     assert scores.shape == (3, g.n_edges) and scores.dtype == torch.float64
 
@@ -116,7 +116,7 @@ def test_one_step_integrated_gradients_is_eap(method, family, make_lm, qa_sample
     lm = make_lm(family)
     runner = ResidualRunner(lm.adapter)
     batch = encode(lm, qa_samples[:3])
-    base = CorruptBaseline(lm.tokenizer)
+    base = CorruptAblation(lm.tokenizer)
     eap = attribute(runner, batch, base, AttributionSettings("eap", 1, "logprob"))
     ig = attribute(runner, batch, base, AttributionSettings(method, 1, "logprob"))
     scale = eap.edge_scores.abs().max()
@@ -132,7 +132,7 @@ def test_eap_ig_inputs_is_complete(family, make_lm, qa_samples):
     runner = ResidualRunner(lm.adapter)
     g = runner.graph
     batch = encode(lm, qa_samples[:3])
-    baseline = CorruptBaseline(lm.tokenizer)
+    baseline = CorruptAblation(lm.tokenizer)
     from_input = torch.as_tensor(g.edge_parent == 0)
     targets = AnswerTargets.from_batch(batch.input_ids, batch.answer_mask)
     clean = clean_mean_logprob(runner, batch, targets)
@@ -150,7 +150,7 @@ def test_eap_ig_inputs_is_complete(family, make_lm, qa_samples):
 def test_clean_logprob_is_hf_mean_answer_logprob(family, make_lm, qa_samples):
     lm = make_lm(family)
     batch = encode(lm, qa_samples[:4])
-    att = attribute(ResidualRunner(lm.adapter), batch, ZeroBaseline(),
+    att = attribute(ResidualRunner(lm.adapter), batch, ZeroAblation(),
                     AttributionSettings("eap", 1, "logprob"))
     assert att.ids == batch.ids
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_eap_ig_ranks_edges_like_brute_force_patching(metric, method, baseline, 
     lm = make_lm(family, dtype=torch.float64, randomised=False)
     runner = ResidualRunner(lm.adapter)
     batch = encode(lm, qa_samples[:2])
-    base = make_baseline(baseline, tokenizer=lm.tokenizer)
+    base = make_ablation(baseline, tokenizer=lm.tokenizer)
     targets = AnswerTargets.from_batch(batch.input_ids, batch.answer_mask)
     clean = clean_mean_logprob(runner, batch, targets)
     effect = patched_metric_per_edge(runner, batch, 0.0, metric, base) \
@@ -201,11 +201,11 @@ def test_joint_activations_and_the_zero_baseline_are_refused(make_lm, qa_samples
     runner = ResidualRunner(lm.adapter)
     batch = encode(lm, qa_samples[:1])
     with pytest.raises(ConfigError, match="rescales the residual stream"):
-        attribute(runner, batch, ZeroBaseline(), AttributionSettings("eap-ig-activations", 2))
+        attribute(runner, batch, ZeroAblation(), AttributionSettings("eap-ig-activations", 2))
     with pytest.raises(ConfigError, match="eap-ig-activations-by-layer"):
-        CircuitSettings(baseline="zero")
-    assert CircuitSettings().baseline == "corrupt"
-    CircuitSettings(AttributionSettings("eap-ig-activations-by-layer"), baseline="zero")
+        CircuitSettings(ablation="zero")
+    assert CircuitSettings().ablation == "corrupt"
+    CircuitSettings(method="eap-ig-activations-by-layer", ablation="zero")
 
 
 def test_joint_activations_with_the_zero_baseline_would_explode(make_lm, qa_samples):
@@ -220,7 +220,7 @@ def test_joint_activations_with_the_zero_baseline_would_explode(make_lm, qa_samp
     with torch.no_grad():
         clean = runner.run(batch.input_ids, batch.attention_mask, logit_mask=targets.positions,
                            record=True)
-        path = Interpolation(clean.outputs, ZeroBaseline().for_batch(runner, batch), 1.0)
+        path = Interpolation(clean.outputs, ZeroAblation().for_batch(runner, batch), 1.0)
         moved = runner.run(batch.input_ids, batch.attention_mask, logit_mask=targets.positions,
                            interpolation=path.at(0.2))
     torch.testing.assert_close(targets.mean_logprob(moved.logits),
@@ -239,9 +239,9 @@ def baselines_for(make_lm, qa_samples):
             runner = ResidualRunner(lm.adapter)
             reference = [encode(lm, qa_samples[4:7]), encode(lm, qa_samples[7:])]
             cache[family] = {
-                "zero": make_baseline("zero"),
-                "mean": make_baseline("mean", runner=runner, reference=reference),
-                "corrupt": make_baseline("corrupt", tokenizer=lm.tokenizer),
+                "zero": make_ablation("zero"),
+                "mean": make_ablation("mean", runner=runner, reference=reference),
+                "corrupt": make_ablation("corrupt", tokenizer=lm.tokenizer),
             }
         return cache[family]
 
@@ -281,7 +281,7 @@ def test_mean_baseline_is_the_mean_over_real_tokens(make_lm, qa_samples):
     lm = make_lm("llama")
     runner = ResidualRunner(lm.adapter)
     samples = qa_samples[:4]
-    padded = MeanBaseline.fit(runner, [encode(lm, samples)]).mean
+    padded = MeanAblation.fit(runner, [encode(lm, samples)]).mean
     total, count = 0, 0
     for s in samples:
         b = encode(lm, [s])

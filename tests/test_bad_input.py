@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cud.cli import app
 from cud.models import tiny_model
-from cud.runtime import load_circuits
+from cud.circuits.store import load_circuits
 
 QUICK = ["--steps", "2", "--n-edges", "10"]
 
@@ -270,7 +270,7 @@ OPTIONS = {
     "unknown_method": (["--method", "nope"], ["method 'nope'"]),
     "unknown_metric": (["--metric", "nope"], ["metric 'nope'"]),
     "threshold_without_value": (["--selection", "threshold"], ["--threshold"]),
-    "mean_baseline_without_reference": (["--baseline", "mean"], ["--reference"]),
+    "mean_ablation_without_reference": (["--ablation", "mean"], ["--reference"]),
     "bad_builtin_spec": (["--data", "builtin:x"], ["builtin:x"]),
     "unreachable_ray_address": (["--ray-address", "127.0.0.1:1"],
                                 ["--ray-address 127.0.0.1:1", "no Ray cluster reachable"]),

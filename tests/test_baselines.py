@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from cud.data import load_qa
-from cud.difficulty.baselines import (BASELINES, baseline_metrics, gradient_norms, min_k_prob,
+from cud.difficulty.baselines import (BASELINE_METRICS, BaselineSettings, baseline_metrics, gradient_norms, min_k_prob,
                                       mrd)
 from cud.errors import ConfigError
 from cud.models.tiny import tiny_model
-from cud.unlearning.outcomes import teacher_forced_outcomes
-from cud.unlearning.scoring import answer_logits
+from cud.models.answers import teacher_forced_outcomes
+from cud.models.answers import answer_logits
 from cud.data import collate, encode_samples
 
 
@@ -48,7 +48,7 @@ def test_mrd_resumes_to_the_same_result(lm, samples, tmp_path):
     full = mrd(lm, samples, sigma=1e-3, k=4, seed=7)
     ckpt = tmp_path / "mrd.npz"
 
-    def stop_after_two(done, total):
+    def stop_after_two(task, done, total, info=""):
         if done == 2:
             raise KeyboardInterrupt
 
@@ -56,7 +56,7 @@ def test_mrd_resumes_to_the_same_result(lm, samples, tmp_path):
         mrd(lm, samples, sigma=1e-3, k=4, seed=7, checkpoint=ckpt, progress=stop_after_two)
     seen = []
     resumed = mrd(lm, samples, sigma=1e-3, k=4, seed=7, checkpoint=ckpt,
-                  progress=lambda d, t: seen.append(d))
+                  progress=lambda task, d, t, info: seen.append(d))
     assert seen == [3, 4]  # only the missing draws ran
     np.testing.assert_allclose(resumed.to_numpy(), full.to_numpy(), rtol=1e-12)
 
@@ -93,16 +93,17 @@ def test_gradient_norm_matches_a_manual_backward(lm, samples):
 
 
 def test_baseline_table_and_cache(lm, samples, tmp_path):
-    table = baseline_metrics(lm, samples, mrd_k=2, mrd_sigma=1e-3, work_dir=tmp_path)
-    assert list(table.columns) == list(BASELINES)
+    settings = BaselineSettings(mrd_k=2, mrd_sigma=1e-3)
+    table = baseline_metrics(lm, samples, settings, work_dir=tmp_path)
+    assert list(table.columns) == list(BASELINE_METRICS)
     assert list(table.index) == [s.id for s in samples]
     assert table.notna().all().all()
     cached = sorted(p.name for p in tmp_path.glob("baseline.*.parquet"))
     assert len(cached) == 4  # teacher-forced, min-k, grad norm, MRD
     calls = []
-    again = baseline_metrics(lm, samples, mrd_k=2, mrd_sigma=1e-3, work_dir=tmp_path,
-                             progress=lambda name, d, t: calls.append(name))
+    again = baseline_metrics(lm, samples, settings, work_dir=tmp_path,
+                             progress=lambda name, d, t, info: calls.append(name))
     assert calls == []  # nothing recomputed
     np.testing.assert_allclose(again.to_numpy(), table.to_numpy())
     with pytest.raises(ConfigError):
-        baseline_metrics(lm, samples, metrics=("loss", "vibes"))
+        BaselineSettings(metrics=("loss", "vibes"))

@@ -3,26 +3,27 @@ results, other settings and other format versions are refused, and the CLI write
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from cud.circuits.attribution import AttributionSettings, attribute
-from cud.circuits.baseline_activations import CorruptBaseline
+from cud.circuits.attribution import attribute
+from cud.circuits.ablation import CorruptAblation
 from cud.circuits.export import circuit_from_json
-from cud.circuits.pipeline import CircuitSettings, find_circuits
+from cud.circuits import CircuitSettings, find_circuits
 from cud.circuits.runner import ResidualRunner
-from cud.circuits.selection import SelectionSettings, select
+from cud.circuits.selection import select
 from cud.data import QASample, batches, encode_samples, fictitious_authors
 from cud.errors import NumericalError, StoreError
 from cud.models import tiny_model
-from cud.runtime import load_circuits
-from cud.runtime.store import MANIFEST
+from cud.circuits.store import load_circuits
+from cud.circuits.store import MANIFEST
 
-SETTINGS = CircuitSettings(attribution=AttributionSettings(steps=2),
-                           selection=SelectionSettings(n_edges=12))
+SETTINGS = CircuitSettings(steps=2, n_edges=12)
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +41,18 @@ class Stop(Exception):
 
 
 def test_stored_results_equal_a_direct_computation(lm, samples, tmp_path):
-    run = find_circuits(lm, samples, tmp_path / "c", SETTINGS, batch_size=4)
+    run = find_circuits(lm, samples, tmp_path / "c", replace(SETTINGS, batch_size=4))
     assert run.n_computed == len(samples) and list(run.table["id"]) == [s.id for s in samples]
     cs = load_circuits(tmp_path / "c")
     assert cs.ids == [s.id for s in samples]
     runner = ResidualRunner(lm.adapter)
     enc = encode_samples(lm.tokenizer, samples)
     for batch in batches(enc, 4, lm.pad_token_id):
-        baseline = CorruptBaseline(lm.tokenizer, seed=SETTINGS.seed)  # the default baseline
+        baseline = CorruptAblation(lm.tokenizer, seed=SETTINGS.seed)  # the default baseline
         att = attribute(runner, batch, baseline, SETTINGS.attribution)
         got = cs.subset(batch.ids)
         assert torch.equal(got.edge_scores, att.edge_scores)
-        assert torch.equal(got.circuits, select(runner.graph, att.edge_scores, SETTINGS.selection))
+        assert torch.equal(got.circuits, select(runner.graph, att.edge_scores, SETTINGS.selector))
     assert (cs.circuits.sum(1) == 12).all()
     assert cs.table["faithfulness"].notna().all()
     assert (tmp_path / "c" / "samples.csv").read_text().startswith("id,")
@@ -59,20 +60,20 @@ def test_stored_results_equal_a_direct_computation(lm, samples, tmp_path):
 
 
 def test_interrupted_run_resumes_to_identical_results(lm, samples, tmp_path):
-    full = find_circuits(lm, samples, tmp_path / "full", SETTINGS, batch_size=3)
+    full = find_circuits(lm, samples, tmp_path / "full", replace(SETTINGS, batch_size=3))
     calls = []
 
-    def die_after_two_batches(done, total, info):
+    def die_after_two_batches(task, done, total=None, info=''):
         calls.append(done)
         if len(calls) == 3:  # the first call reports what was already done
             raise Stop
 
     with pytest.raises(Stop):
-        find_circuits(lm, samples, tmp_path / "cut", SETTINGS, batch_size=3,
+        find_circuits(lm, samples, tmp_path / "cut", replace(SETTINGS, batch_size=3),
                       progress=die_after_two_batches)
     partial = load_circuits(tmp_path / "cut")
     assert 0 < len(partial) < len(samples)
-    resumed = find_circuits(lm, samples, tmp_path / "cut", SETTINGS, batch_size=3)
+    resumed = find_circuits(lm, samples, tmp_path / "cut", replace(SETTINGS, batch_size=3))
     assert resumed.n_skipped == len(partial)
     assert resumed.n_computed == len(samples) - len(partial)
     a, b = load_circuits(tmp_path / "full"), load_circuits(tmp_path / "cut")
@@ -83,21 +84,20 @@ def test_interrupted_run_resumes_to_identical_results(lm, samples, tmp_path):
 
 
 def test_finished_run_is_not_recomputed_but_changed_text_is(lm, samples, tmp_path):
-    find_circuits(lm, samples, tmp_path / "c", SETTINGS, batch_size=4)
-    again = find_circuits(lm, samples, tmp_path / "c", SETTINGS, batch_size=4)
+    find_circuits(lm, samples, tmp_path / "c", replace(SETTINGS, batch_size=4))
+    again = find_circuits(lm, samples, tmp_path / "c", replace(SETTINGS, batch_size=4))
     assert again.n_computed == 0
     changed = list(samples)
     s = changed[0]
     changed[0] = QASample(s.id, s.question, s.answer + " indeed", s.source)
-    third = find_circuits(lm, changed, tmp_path / "c", SETTINGS, batch_size=4)
+    third = find_circuits(lm, changed, tmp_path / "c", replace(SETTINGS, batch_size=4))
     assert third.n_computed == 1
     assert len(load_circuits(tmp_path / "c")) == len(samples)  # replaced, not duplicated
 
 
 def test_other_settings_or_format_are_refused(lm, samples, tmp_path):
     find_circuits(lm, samples[:2], tmp_path / "c", SETTINGS)
-    other = CircuitSettings(attribution=AttributionSettings(steps=3),
-                            selection=SelectionSettings(n_edges=12))
+    other = CircuitSettings(steps=3, n_edges=12)
     with pytest.raises(StoreError, match="other settings.*steps"):
         find_circuits(lm, samples[:2], tmp_path / "c", other)
     with pytest.raises(StoreError, match="other settings.*model_fingerprint"):
@@ -130,7 +130,7 @@ def test_non_finite_scores_stop_with_a_clear_error_and_keep_earlier_batches(
 
     monkeypatch.setattr(pipeline, "attribute", overflowing)
     with pytest.raises(NumericalError, match="non-finite"):
-        find_circuits(lm, samples, tmp_path / "c", SETTINGS, batch_size=4)
+        find_circuits(lm, samples, tmp_path / "c", replace(SETTINGS, batch_size=4))
     assert len(load_circuits(tmp_path / "c")) == 4
 
 

@@ -8,7 +8,7 @@ from cud.data import load_qa
 from cud.difficulty.split import easy_hard_protocol, split_halves
 from cud.errors import ConfigError
 from cud.models import tiny_model
-from cud.unlearning.general import general_knowledge
+from cud.data.general import general_knowledge
 from cud.unlearning.loop import TrainConfig
 
 

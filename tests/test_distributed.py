@@ -8,6 +8,8 @@ differently with another thread count, so the single-process references run on 1
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import contextlib
 import json
 import os
@@ -21,22 +23,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cud.circuits.attribution import AttributionSettings
-from cud.circuits.pipeline import CircuitSettings, find_circuits
-from cud.circuits.selection import SelectionSettings
+from cud.circuits import CircuitSettings, find_circuits
 from cud.cli import app
 from cud.data import load_qa
-from cud.difficulty.baselines import baseline_metrics
+from cud.difficulty.baselines import BaselineSettings, baseline_metrics
 from cud.errors import NumericalError
 from cud.models import load_model, tiny_model
-from cud.runtime import load_circuits
+from cud.circuits.store import load_circuits
 from cud.runtime.distributed import (baseline_metrics_distributed, find_circuits_distributed,
                                      split_shards)
 
 ray = pytest.importorskip("ray")
 
-SETTINGS = CircuitSettings(attribution=AttributionSettings(steps=2),
-                           selection=SelectionSettings(n_edges=10))
+SETTINGS = CircuitSettings(steps=2, n_edges=10)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,18 +102,18 @@ def test_ray_resumes_a_single_process_folder(model_dir, samples, tmp_path):
     lm.name = str(model_dir)
     calls = []
 
-    def stop_after_one_batch(done, total, info):
+    def stop_after_one_batch(task, done, total=None, info=''):
         calls.append(done)
         if len(calls) == 2:
             raise KeyboardInterrupt
 
     with one_thread():
-        full = find_circuits(lm, samples, tmp_path / "full", SETTINGS, batch_size=2)
+        full = find_circuits(lm, samples, tmp_path / "full", replace(SETTINGS, batch_size=2))
         with pytest.raises(KeyboardInterrupt):
-            find_circuits(lm, samples, tmp_path / "cut", SETTINGS, batch_size=2,
+            find_circuits(lm, samples, tmp_path / "cut", replace(SETTINGS, batch_size=2),
                           progress=stop_after_one_batch)
-    run = find_circuits_distributed(str(model_dir), samples, tmp_path / "cut", SETTINGS,
-                                    workers=2, batch_size=2)
+    run = find_circuits_distributed(str(model_dir), samples, tmp_path / "cut",
+                                    replace(SETTINGS, batch_size=2), workers=2)
     assert (run.n_skipped, run.n_computed) == (2, 4)
     assert run.table.equals(full.table)
     same_circuits(tmp_path / "full", tmp_path / "cut")
@@ -137,15 +136,16 @@ def _shard_workers() -> list[int]:
 
 def test_a_killed_worker_is_retried_and_results_are_identical(model_dir, samples, tmp_path):
     with one_thread():
-        ref = find_circuits(load_model(str(model_dir)), samples, tmp_path / "one", SETTINGS,
-                            batch_size=1)
+        ref = find_circuits(load_model(str(model_dir)), samples, tmp_path / "one",
+                            replace(SETTINGS, batch_size=1))
     out = tmp_path / "ray"
     result: dict = {}
 
     def run():
         try:
-            result["run"] = find_circuits_distributed(str(model_dir), samples, out, SETTINGS,
-                                                      workers=2, batch_size=1)
+            result["run"] = find_circuits_distributed(str(model_dir), samples, out,
+                                                      replace(SETTINGS, batch_size=1),
+                                                      workers=2)
         except BaseException as e:  # noqa: BLE001 - handed to the test thread
             result["error"] = e
 
@@ -172,15 +172,15 @@ def test_a_killed_worker_is_retried_and_results_are_identical(model_dir, samples
 
 
 def test_baselines_two_workers_equal_one_process(model_dir, samples, tmp_path):
-    options = dict(mrd_k=3, mrd_sigma=1e-3, seed=5, batch_size=2)
+    options = BaselineSettings(mrd_k=3, mrd_sigma=1e-3, seed=5, batch_size=2)
     with one_thread():
-        one = baseline_metrics(load_model(str(model_dir)), samples, **options)
-    two = baseline_metrics_distributed(str(model_dir), samples, work_dir=tmp_path / "w",
-                                       workers=2, **options)
+        one = baseline_metrics(load_model(str(model_dir)), samples, options)
+    two = baseline_metrics_distributed(str(model_dir), samples, options, work_dir=tmp_path / "w",
+                                       workers=2)
     pd.testing.assert_frame_equal(one, two, check_exact=True)
     assert len(list((tmp_path / "w").glob("shard-*"))) == 2
-    again = baseline_metrics_distributed(str(model_dir), samples, work_dir=tmp_path / "w",
-                                         workers=2, **options)  # from the shards' caches
+    again = baseline_metrics_distributed(str(model_dir), samples, options,
+                                         work_dir=tmp_path / "w", workers=2)  # from caches
     pd.testing.assert_frame_equal(one, again, check_exact=True)
 
 
@@ -209,7 +209,7 @@ def test_a_workers_error_is_raised_as_itself_and_earlier_batches_stay(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(NumericalError, match="sample.s. tilde: non-finite edge scores"):
         find_circuits_distributed(str(tmp_path / "hot"), load_qa(tmp_path / "a.jsonl"),
-                                  tmp_path / "out", SETTINGS, workers=2, batch_size=1,
+                                  tmp_path / "out", replace(SETTINGS, batch_size=1), workers=2,
                                   dtype="float16")
     kept = load_circuits(tmp_path / "out")
     assert "tilde" not in kept.ids and len(kept) >= 1

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cud.cli import app
 from cud.models import tiny_model
-from cud.runtime import load_circuits
+from cud.circuits.store import load_circuits
 
 N_SAMPLES = 6
 

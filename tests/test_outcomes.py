@@ -14,11 +14,13 @@ from cud.models.loading import LoadedModel
 from cud.models.tiny import tiny_model, tiny_tokenizer
 from cud.unlearning import TrainConfig
 from cud.unlearning.finetune import teach
-from cud.unlearning.outcomes import (METRICS, add_perturbed_answers, evaluate_outcomes,
+from cud.data.prepare import add_perturbed_answers
+from cud.models.answers import teacher_forced_outcomes
+from cud.unlearning.outcomes import (METRICS, evaluate_outcomes,
                                      forget_quality, forgetting_scores, greedy_answers,
-                                     model_utility, outcome_deltas, rouge_l_recall, save_table,
-                                     teacher_forced_outcomes, truth_ratios)
-from cud.unlearning.general import general_knowledge
+                                     model_utility, outcome_deltas, rouge_l_recall, save_outcomes,
+                                     truth_ratios)
+from cud.data.general import general_knowledge
 from cud.data import encode_samples
 
 
@@ -190,7 +192,7 @@ def test_every_metric_has_a_direction():
 def test_save_table_roundtrip(tmp_path):
     df = pd.DataFrame({"nll": [1.0, 2.0], "greedy_answer": ["x", "y"], "nll_delta": [0.5, 0.1]},
                       index=pd.Index(["a", "b"], name="id"))
-    parquet, csv = save_table(df, tmp_path / "out" / "outcomes")
+    parquet, csv = save_outcomes(df, tmp_path / "out" / "outcomes")
     back = pd.read_parquet(parquet)
     pd.testing.assert_frame_equal(back, df)
     assert pd.read_csv(csv, index_col="id").loc["b", "nll"] == 2.0

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cud.circuits.attribution import AttributionSettings, attribute
-from cud.circuits.baseline_activations import make_baseline
+from cud.circuits.ablation import make_ablation
 from cud.circuits.faithfulness import faithfulness
 from cud.circuits.gradients import ReaderGradients
 from cud.circuits.metrics import AnswerTargets, metric_value
@@ -47,7 +47,7 @@ def test_shared_capture_gives_the_gradients_of_copies(variant_lm, padded_batch, 
                                                       n_passes):
     """30 passes: more than 3H, so the kept per-pass terms are folded into one sum."""
     lm, batch = variant_lm, padded_batch
-    base = make_baseline(baseline, tokenizer=lm.tokenizer)
+    base = make_ablation(baseline, tokenizer=lm.tokenizer)
     shared, copies = ResidualRunner(lm.adapter), ResidualRunner(lm.adapter, copies=True)
     assert not shared.copies and copies.copies
     assert n_passes == 2 or n_passes > 3 * lm.adapter.n_heads
@@ -69,7 +69,7 @@ def test_shared_capture_gives_the_gradients_of_copies(variant_lm, padded_batch, 
                                     "eap-ig-inputs", "eap"])
 def test_shared_capture_gives_the_scores_of_copies(variant_lm, padded_batch, method):
     lm, batch = variant_lm, padded_batch
-    base = make_baseline("corrupt", tokenizer=lm.tokenizer)
+    base = make_ablation("corrupt", tokenizer=lm.tokenizer)
     settings = AttributionSettings(method, 3, "logprob")
     got = attribute(ResidualRunner(lm.adapter), batch, base, settings)
     want = attribute(ResidualRunner(lm.adapter, copies=True), batch, base, settings)
@@ -86,7 +86,7 @@ def test_shared_capture_gives_the_kl_scores_of_copies(family, make_lm, qa_sample
     lm = make_lm(family, dtype=torch.float64)
     batch = collate(encode_samples(lm.tokenizer, qa_samples[:4]), lm.pad_token_id)
     settings = AttributionSettings("eap-ig-activations", 3, "kl")
-    base = make_baseline("corrupt", tokenizer=lm.tokenizer)
+    base = make_ablation("corrupt", tokenizer=lm.tokenizer)
     got = attribute(ResidualRunner(lm.adapter), batch, base, settings)
     want = attribute(ResidualRunner(lm.adapter, copies=True), batch, base, settings)
     scale = want.edge_scores.abs().max().item()
@@ -162,7 +162,7 @@ def test_faithfulness_reuses_the_attributions_clean_logprob(make_lm, qa_samples)
     lm = make_lm("llama")
     runner = ResidualRunner(lm.adapter)
     batch = collate(encode_samples(lm.tokenizer, qa_samples[:3]), lm.pad_token_id)
-    base = make_baseline("zero")
+    base = make_ablation("zero")
     att = attribute(runner, batch, base, AttributionSettings("eap-ig-activations-by-layer", 2))
     circuits = torch.zeros(3, runner.graph.n_edges, dtype=torch.bool)
     circuits[:, att.edge_scores.abs().argsort(1, descending=True)[0, :40]] = True

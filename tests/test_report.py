@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     """Real circuits of a tiny model, anchor circuits, a CUD, and outcomes that follow the CUD
     (less forgetting where CUD is high) with noise, so the report's signs can be checked."""
     from cud.circuits.attribution import AttributionSettings, attribute
-    from cud.circuits.baseline_activations import CorruptBaseline
+    from cud.circuits.ablation import CorruptAblation
     from cud.circuits.runner import ResidualRunner
     from cud.circuits.selection import SelectionSettings, select
     from cud.data import batches, encode_samples, fictitious_authors
@@ -43,7 +43,7 @@ def run(tmp_path_factory):
     graph = runner.graph
     ids, scores = [], []
     for batch in batches(encode_samples(lm.tokenizer, samples), 10, lm.pad_token_id):
-        a = attribute(runner, batch, CorruptBaseline(lm.tokenizer), AttributionSettings(steps=2))
+        a = attribute(runner, batch, CorruptAblation(lm.tokenizer), AttributionSettings(steps=2))
         ids += a.ids
         scores.append(a.edge_scores)
     torch.set_num_threads(threads)
@@ -246,8 +246,9 @@ def test_the_chromium_check_sees_a_broken_figure(run, chromium, tmp_path):
 def folders(run, tmp_path_factory):
     from cud.difficulty.anchors import anchors_from_ids, anchor_circuits
     from cud.difficulty.score import score_samples
-    from cud.runtime.store import CircuitStore, text_hash
-    from cud.unlearning.outcomes import save_table
+    from cud.circuits.store import CircuitStore, text_hash
+    from cud.tables import save_table
+    from cud.unlearning.outcomes import save_outcomes
 
     root = tmp_path_factory.mktemp("folders")
     inputs = run["inputs"]
@@ -263,7 +264,7 @@ def folders(run, tmp_path_factory):
     (root / "scores").mkdir()
     scores.to_parquet(root / "scores" / "scores.parquet", index=False)
     for method, table in inputs.outcomes.items():
-        save_table(table, root / "unlearn" / method / "outcomes")
+        save_outcomes(table, root / "unlearn" / method / "outcomes")
     save_table(inputs.baselines, root / "baselines" / "baselines")
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"id": s.id, "question": s.question, "answer": s.answer})

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
 from cud.circuits.attribution import AttributionSettings, attribute
-from cud.circuits.baseline_activations import make_baseline
+from cud.circuits.ablation import make_ablation
 from cud.circuits.faithfulness import faithfulness
 from cud.circuits.graph import Graph
 from cud.circuits.runner import ResidualRunner
@@ -195,7 +195,7 @@ def encode(lm, samples):
 
 
 def baseline_named(name, lm, runner, qa_samples):
-    return make_baseline(name, tokenizer=lm.tokenizer, runner=runner,
+    return make_ablation(name, tokenizer=lm.tokenizer, runner=runner,
                          reference=[encode(lm, qa_samples[4:])])
 
 
@@ -234,7 +234,7 @@ def kl_attribution(make_lm, qa_samples):
             lm = make_lm(family, randomised=False)
             runner = ResidualRunner(lm.adapter)
             batch = encode(lm, qa_samples[:8])
-            att = attribute(runner, batch, make_baseline("zero"),
+            att = attribute(runner, batch, make_ablation("zero"),
                             AttributionSettings("eap-ig-activations-by-layer", 5, "kl"))
             cache[family] = (lm, runner, batch, att.edge_scores)
         return cache[family]
@@ -245,7 +245,7 @@ def kl_attribution(make_lm, qa_samples):
 def batch_faithfulness(runner, batch, circuits) -> float:
     """Faithfulness of the batch as a whole: the metric summed over samples, then normalised
     (per-sample ratios blow up where a sample's baseline barely moves the metric)."""
-    out = faithfulness(runner, batch, circuits, make_baseline("zero"), "kl")
+    out = faithfulness(runner, batch, circuits, make_ablation("zero"), "kl")
     recovered = (out.metric_circuit - out.metric_baseline).sum()
     return (recovered / (out.metric_clean - out.metric_baseline).sum()).item()
 
@@ -265,7 +265,7 @@ def test_greedy_faithfulness_grows_with_n(family, kl_attribution):
     assert values[-1] == pytest.approx(1.0, abs=1e-4)
     assert max(values) <= 1 + 1e-4
     per_sample = faithfulness(runner, batch, select(g, scores, SelectionSettings("greedy", 40)),
-                              make_baseline("zero"), "kl").faithfulness
+                              make_ablation("zero"), "kl").faithfulness
     assert (per_sample <= 1 + 1e-4).all()
 
 
@@ -282,11 +282,11 @@ def test_greedy_circuits_from_scores_beat_random_circuits(family, kl_attribution
 def test_faithfulness_of_a_batch_equals_one_sample_at_a_time(family, kl_attribution, qa_samples):
     lm, runner, batch, scores = kl_attribution(family)
     circuits = select(runner.graph, scores, SelectionSettings("greedy", 30))
-    together = faithfulness(runner, batch, circuits, make_baseline("zero"), "logprob")
+    together = faithfulness(runner, batch, circuits, make_ablation("zero"), "logprob")
     for i, sample in enumerate(qa_samples[:len(batch)]):
         assert batch.ids[i] == sample.id
         alone = faithfulness(runner, encode(lm, [sample]), circuits[i:i + 1],
-                             make_baseline("zero"), "logprob")
+                             make_ablation("zero"), "logprob")
         for field in ("metric_clean", "metric_circuit", "metric_baseline"):
             torch.testing.assert_close(getattr(together, field)[i], getattr(alone, field)[0],
                                        atol=1e-5, rtol=1e-5)

@@ -172,7 +172,7 @@ def test_shape_errors():
 
 def test_real_circuits_of_a_tiny_model():
     from cud.circuits.attribution import AttributionSettings, attribute
-    from cud.circuits.baseline_activations import CorruptBaseline
+    from cud.circuits.ablation import CorruptAblation
     from cud.circuits.runner import ResidualRunner
     from cud.circuits.selection import SelectionSettings, select
     from cud.data import batches, encode_samples, fictitious_authors
@@ -186,7 +186,7 @@ def test_real_circuits_of_a_tiny_model():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)          # a tiny model runs fastest on one thread
     try:
-        scores = attribute(runner, batch, CorruptBaseline(lm.tokenizer),
+        scores = attribute(runner, batch, CorruptAblation(lm.tokenizer),
                            AttributionSettings(steps=2)).edge_scores
     finally:
         torch.set_num_threads(threads)

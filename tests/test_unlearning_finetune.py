@@ -6,10 +6,9 @@ import pytest
 
 from cud.data import load_qa
 from cud.models.tiny import tiny_model
-from cud.unlearning.finetune import FinetuneConfig, cache_key, finetune
-from cud.unlearning.loop import TrainConfig
+from cud.unlearning.finetune import FinetuneSettings, cache_key, finetune
 
-SMALL = TrainConfig(lr=1e-2, epochs=20, batch_size=4, warmup=0.05, weight_decay=0.0)
+SMALL = FinetuneSettings(lr=1e-2, epochs=20, batch_size=4, warmup=0.05, weight_decay=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +23,15 @@ def tiny_folder(tmp_path_factory):
 
 def test_finetune_teaches_and_reuses_its_cache(tiny_folder, tmp_path):
     samples = load_qa("builtin:8")
-    config = FinetuneConfig(train=SMALL)
-    first = finetune(tiny_folder, samples, config=config, cache_dir=tmp_path)
+    config = replace(SMALL, cache_dir=str(tmp_path))
+    first = finetune(tiny_folder, samples, config)
     assert not first.reused
     assert first.report["after"]["exact_mem"] > first.report["before"]["exact_mem"]
     assert first.report["after"]["nll"] < first.report["before"]["nll"]
     assert (first.path / "config.json").is_file()
     assert list(first.memorisation.index) == [s.id for s in samples]
 
-    again = finetune(tiny_folder, samples, config=config, cache_dir=tmp_path)
+    again = finetune(tiny_folder, samples, config)
     assert again.reused and again.path == first.path
     assert again.report == first.report
     # the reloaded folder is the trained model
@@ -41,30 +40,29 @@ def test_finetune_teaches_and_reuses_its_cache(tiny_folder, tmp_path):
                               again.model.model.state_dict().items()):
         torch.testing.assert_close(v, w)
 
-    changed = finetune(tiny_folder, samples, cache_dir=tmp_path, keep_model=False,
-                       config=FinetuneConfig(train=replace(SMALL, lr=5e-3)))
+    changed = finetune(tiny_folder, samples, replace(config, lr=5e-3), keep_model=False)
     assert not changed.reused and changed.path != first.path
     assert changed.model is None
 
 
 def test_cache_key_depends_on_model_data_and_settings(tiny_folder):
     samples = load_qa("builtin:8")
-    base = cache_key(tiny_folder, samples, FinetuneConfig(train=SMALL))
-    assert base == cache_key(tiny_folder, samples, FinetuneConfig(train=SMALL))
-    assert base != cache_key(tiny_folder, samples[:7], FinetuneConfig(train=SMALL))
-    assert base != cache_key(tiny_folder, load_qa("builtin:8:1"), FinetuneConfig(train=SMALL))
-    assert base != cache_key(tiny_folder, samples, FinetuneConfig(train=replace(SMALL, seed=1)))
-    assert base != cache_key(tiny_folder, samples, FinetuneConfig(train=SMALL, lora=True))
-    assert base != cache_key("smollm2", samples, FinetuneConfig(train=SMALL))
-    # evaluating along the way does not change the weights, so it does not change the key
-    assert base == cache_key(tiny_folder, samples,
-                             FinetuneConfig(train=replace(SMALL, eval_every=3)))
+    base = cache_key(tiny_folder, samples, SMALL)
+    assert base == cache_key(tiny_folder, samples, SMALL)
+    assert base != cache_key(tiny_folder, samples[:7], SMALL)
+    assert base != cache_key(tiny_folder, load_qa("builtin:8:1"), SMALL)
+    assert base != cache_key(tiny_folder, samples, replace(SMALL, seed=1))
+    assert base != cache_key(tiny_folder, samples, replace(SMALL, lora=True))
+    assert base != cache_key("smollm2", samples, SMALL)
+    # where the folder is cached, and whether cud run fine-tunes, do not change the weights
+    assert base == cache_key(tiny_folder, samples, replace(SMALL, cache_dir="/elsewhere",
+                                                           enabled=False))
 
 
 def test_lora_finetune_saves_a_plain_model(tiny_folder, tmp_path):
     samples = load_qa("builtin:8")
-    result = finetune(tiny_folder, samples, cache_dir=tmp_path,
-                      config=FinetuneConfig(train=replace(SMALL, lr=3e-2), lora=True, lora_r=8))
+    result = finetune(tiny_folder, samples, replace(SMALL, lr=3e-2, lora=True, lora_r=8,
+                                                    cache_dir=str(tmp_path)))
     assert result.report["after"]["nll"] < result.report["before"]["nll"]
     assert not (result.path / "adapter_config.json").exists()  # merged, not an adapter
     assert not any("lora" in k for k in result.model.model.state_dict())
@@ -79,5 +77,5 @@ def test_end_token_is_taught_after_the_answer():
     ended = with_end_token(e, tok.eos_token_id)
     assert ended.input_ids[-1] == tok.eos_token_id and ended.answer_mask[-1]
     assert sum(ended.answer_mask) == sum(e.answer_mask) + 1
-    assert cache_key("x", load_qa("builtin:2"), FinetuneConfig()) != \
-        cache_key("x", load_qa("builtin:2"), FinetuneConfig(teach_end=False))
+    assert cache_key("x", load_qa("builtin:2"), FinetuneSettings()) != \
+        cache_key("x", load_qa("builtin:2"), FinetuneSettings(teach_end=False))

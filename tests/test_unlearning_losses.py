@@ -10,7 +10,7 @@ from cud.data import collate, encode_samples, load_qa
 from cud.models.tiny import tiny_model
 from cud.unlearning.methods import (ga_loss, make_method, npo_loss, rmu_loss, simnpo_loss,
                                     undial_loss, undial_targets)
-from cud.unlearning.scoring import answer_logits
+from cud.models.answers import answer_logits
 from cud.errors import ConfigError
 
 

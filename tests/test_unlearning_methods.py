@@ -9,7 +9,8 @@ import torch
 from cud.data import encode_samples, load_qa
 from cud.errors import ConfigError
 from cud.models.tiny import tiny_model
-from cud.unlearning import METHODS, TrainConfig, split_forget_retain, unlearn
+from cud.data.prepare import split_forget_retain
+from cud.unlearning import METHODS, TrainConfig, unlearn
 from cud.unlearning.finetune import teach
 from cud.unlearning.loop import lr_factor, train
 from cud.unlearning.methods.rmu import mlp_modules
@@ -31,7 +32,7 @@ def taught():
 
 
 def test_teaching_memorises(taught):
-    from cud.unlearning.outcomes import teacher_forced_outcomes
+    from cud.models.answers import teacher_forced_outcomes
     lm, forget, retain = taught
     df = teacher_forced_outcomes(lm, forget + retain)
     assert df["exact_mem"].mean() > 0.95
@@ -111,7 +112,7 @@ def test_gradient_accumulation_counts_optimizer_steps():
     seen = []
     cfg = TrainConfig(lr=1e-3, epochs=2, batch_size=2, grad_accum=5, warmup=0)
     log = train(lm.model, lambda m, f, r: (m(input_ids=f.input_ids).logits.mean(), {}), enc, None,
-                cfg, pad_token_id=lm.pad_token_id, progress=lambda s, t, row: seen.append(s))
+                cfg, pad_token_id=lm.pad_token_id, progress=lambda task, s, t, info: seen.append(s))
     assert log.total_steps == 2 and seen == [1, 2]
     assert all(p.requires_grad for p in lm.model.parameters())
     assert not lm.model.training
@@ -132,5 +133,5 @@ def test_bad_settings_are_config_errors(taught):
         unlearn(lm, forget, retain, method="ga", train_config=TrainConfig(lr=-1.0))
     with pytest.raises(ConfigError, match="retain"):
         unlearn(lm, forget, None, method="graddiff", train_config=STEPS, metrics=("nll",))
-    with pytest.raises(ConfigError, match="preset"):
-        unlearn(lm, forget, retain, method="ga", preset_name="nope")
+    with pytest.raises(ConfigError, match="hyperparameter table"):
+        unlearn(lm, forget, retain, method="ga", hyperparameter_table="nope")

@@ -4,7 +4,8 @@ and a default unlearning run spreads the forget set out."""
 import pytest
 
 from cud.data import load_qa
-from cud.unlearning import add_perturbed_answers, finetune, split_forget_retain, unlearn
+from cud.data.prepare import add_perturbed_answers, split_forget_retain
+from cud.unlearning import finetune, unlearn
 
 pytestmark = pytest.mark.smollm2
 

@@ -86,7 +86,11 @@ def test_config_files_and_their_errors(tmp_path):
 
 
 def test_tofu_spec_reads_forget_and_retain(tmp_path):
-    from cud.workflow import load_forget_retain
+    from cud.data.prepare import load_run_data
+
+    def load_forget_retain(config):
+        data = load_run_data(config.data)
+        return data.forget, data.retain
 
     rows = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(6)]
     (tmp_path / "forget01.json").write_text(json.dumps(rows[:3]))
@@ -101,10 +105,12 @@ def test_tofu_spec_reads_forget_and_retain(tmp_path):
 @pytest.mark.parametrize("changes, message", [
     ({"circuits": {"n_edges": 0}}, "n_edges must be at least 1"),
     ({"circuits": {"method": "xx"}}, "unknown attribution method 'xx'"),
-    ({"unlearning": {"methods": ["xx"]}}, "unlearning.methods: unknown method 'xx'"),
-    ({"unlearning": {"preset": "slow"}}, "unknown preset 'slow'"),
+    ({"unlearning": {"methods": ["xx"]}}, r"\[unlearning\]: unknown unlearning method 'xx'"),
+    ({"unlearning": {"hyperparameters": "slow"}}, "unknown hyperparameter table 'slow'"),
     ({"study": {"distance": "l2"}}, "unknown distance 'l2'"),
-    ({"circuits": {"baseline": "mean"}}, "supports 'zero' and 'corrupt'"),
+    ({"circuits": {"ablation": "mean"}}, r"\[circuits\]: the mean ablation needs a reference"),
+    ({"preset": "paper", "unlearning": {"methods": ["ga"]}, "circuits": {"n_edges": -1}},
+     "n_edges must be at least 1"),
 ])
 def test_bad_settings_fail_before_any_stage(changes, message, tmp_path):
     import cud

@@ -1,11 +1,13 @@
-"""The configuration of a whole run (`cud run`): one dataclass per stage, named presets, and a
-reader for TOML or YAML files that names the file and key of every bad value.
+"""The configuration of a whole run (`cud run`): the run's own fields and one section per stage,
+each section the very settings object its stage function takes (so every default is stated
+once, where that setting is defined), named presets, and a reader for TOML or YAML files that
+names the file and key of every bad value.
 
 A config file sets any subset of the fields, e.g.::
 
     model = "smollm2"
-    data = "tofu:../shared/data/tofu:forget10:retain90"
-    preset = "quick"
+    data = "tofu:/data/tofu:forget10:retain90"
+    preset = "tofu"
 
     [circuits]
     n_edges = 100
@@ -21,85 +23,56 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cud.analysis.stage import AnalysisSettings
+from cud.circuits.settings import CircuitSettings
+from cud.data.prepare import DEFAULT_FORGET_FRACTION
+from cud.difficulty.baselines import BaselineSettings
+from cud.difficulty.study import StudySettings
 from cud.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class FinetuneStage:
-    enabled: bool = True        # teach the model the whole data set first (TOFU's set-up)
-    epochs: float | None = None  # None: the fine-tuning defaults (6 epochs, lr 3e-4, batch 10)
-    lr: float | None = None
-    batch_size: int | None = None
-    lora: bool = False
-    cache_dir: str | None = None
-
-
-@dataclass(frozen=True)
-class CircuitsStage:
-    method: str = "eap-ig-activations"
-    steps: int = 5
-    baseline: str = "corrupt"
-    metric: str = "kl"
-    selection: str = "greedy"
-    n_edges: int = 75
-    threshold: float | None = None
-    batch_size: int = 8
-    faithfulness: bool = True
-
-
-@dataclass(frozen=True)
-class UnlearningStage:
-    methods: tuple[str, ...] = ("graddiff", "npo")
-    preset: str = "quick"
-    forget_fraction: float = 0.5  # built-in data: share of authors in the forget set
-    eval_every: int | None = None
-    max_steps: int | None = None
-    utility: bool = True
-
-
-@dataclass(frozen=True)
-class BaselinesStage:
-    enabled: bool = True
-    metrics: tuple[str, ...] = ("loss", "prob", "exact_mem", "min_k_prob", "grad_norm", "mrd",
-                                "random")
-    mrd_k: int = 20
-    mrd_sigma: float = 1e-5
-
-
-@dataclass(frozen=True)
-class StudyStage:
-    k: int = 5
-    vote: str = "majority"
-    pool_fraction: float = 0.5
-    distance: str = "cosine"
-    weighted: bool = False
-    sizes: tuple[int, ...] = (50, 75, 100, 200)
-    n_boot: int = 1000
-    predictor: bool = True
-
-
-@dataclass(frozen=True)
-class ReportStage:
-    enabled: bool = True
-    title: str = "CUD report"
+from cud.report.html import ReportSettings
+from cud.unlearning.finetune import FinetuneSettings
+from cud.unlearning.folder import UnlearningSettings
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    """A whole run. ``data``: any data spec (`builtin[:N[:SEED]]`, a file, a dataset folder, or
+    ``tofu:FOLDER[:FORGET[:RETAIN]]``); ``limit`` caps it (each TOFU split);
+    ``forget_fraction``: share of a non-TOFU set's authors that is forgotten;
+    ``retain_authors``: keep the first N authors of a TOFU retain split; ``seed`` seeds the split,
+    fine-tuning, the corrupted prompts, unlearning, the baselines and the anchor pools (each
+    stage section's own ``seed`` is replaced by it)."""
+
     model: str = "smollm2"
     data: str = "builtin"
     limit: int | None = None
+    forget_fraction: float = DEFAULT_FORGET_FRACTION
+    retain_authors: int | None = None
     out: str = "cud-out"
     device: str | None = None
     dtype: str | None = None
     seed: int = 0
     preset: str = "default"
-    finetune: FinetuneStage = field(default_factory=FinetuneStage)
-    circuits: CircuitsStage = field(default_factory=CircuitsStage)
-    unlearning: UnlearningStage = field(default_factory=UnlearningStage)
-    baselines: BaselinesStage = field(default_factory=BaselinesStage)
-    study: StudyStage = field(default_factory=StudyStage)
-    report: ReportStage = field(default_factory=ReportStage)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    circuits: CircuitSettings = field(default_factory=CircuitSettings)
+    unlearning: UnlearningSettings = field(default_factory=UnlearningSettings)
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    study: StudySettings = field(default_factory=StudySettings)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be at least 1, got {self.limit}")
+        if not 0 < self.forget_fraction < 1:
+            raise ConfigError(f"forget_fraction must be in (0, 1), got {self.forget_fraction}")
+        if not str(self.out).strip():
+            raise ConfigError("out: the output folder is empty")
+
+    def stage(self, name: str):
+        """A stage's settings with the run's seed."""
+        section = getattr(self, name)
+        return replace(section, seed=self.seed) if hasattr(section, "seed") else section
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,64 +90,92 @@ PRESETS: dict[str, dict[str, Any]] = {
         "baselines": {"mrd_k": 4},
         "study": {"k": 3, "sizes": (25, 50, 100), "n_boot": 200, "predictor": False},
     },
+    # METHOD §5's reference hyperparameters and the baselines as their papers define them
+    "paper": {
+        "unlearning": {"hyperparameters": "paper"},
+        "baselines": {"mrd_k": 100},
+    },
 }
 
-_SECTION_CLASSES = {"finetune": FinetuneStage, "circuits": CircuitsStage,
-                    "unlearning": UnlearningStage, "baselines": BaselinesStage,
-                    "study": StudyStage, "report": ReportStage}
+_SECTION_CLASSES = {f.name: f.default_factory for f in fields(RunConfig)
+                    if f.default_factory is not dataclasses.MISSING}
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
-    """Check a value against the type of its default (tuples from lists; ints for floats)."""
-    if isinstance(default, tuple):
+def _kinds(annotation: str) -> set[str]:
+    """The scalar kinds a field's annotation allows (``"float | None"`` -> {float, none})."""
+    return {part.strip() for part in str(annotation).replace("Optional[", "").rstrip("]")
+            .split("|")}
+
+
+def _coerce(value: Any, default: Any, annotation: str, where: str) -> Any:
+    """Check a value against its field's type (tuples from lists, floats from ints, None only
+    where the field allows it)."""
+    kinds = _kinds(annotation)
+    if value is None and "None" in kinds:
+        return None
+    if isinstance(default, tuple) or annotation.startswith("tuple"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        inner = default[0] if default else None
-        return tuple(_coerce(v, inner, where) if inner is not None else v for v in value)
-    if isinstance(default, bool):
+        inner = "int" if "int" in annotation else "float" if "float" in annotation else "str"
+        return tuple(_coerce(v, None, inner, where) for v in value)
+    if isinstance(default, dict) or annotation.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if "bool" in kinds:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
-    if isinstance(default, int) and not isinstance(default, bool):
+    if "int" in kinds:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
-    if isinstance(default, float):
+    if "float" in kinds:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
-    if isinstance(default, str):
+    if "str" in kinds:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
-    return value  # None defaults: any scalar
+    raise ConfigError(f"{where}: unexpected value {value!r}")
+
+
+def _replace_checked(obj: Any, changes: dict[str, Any], where: str) -> Any:
+    """``replace(obj, **changes)``; a setting the object refuses names ``where``."""
+    try:
+        return replace(obj, **changes)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def apply(config: RunConfig, changes: dict[str, Any], source: str = "config") -> RunConfig:
     """``config`` with ``changes`` (nested dicts for sections) applied, each value checked."""
     top: dict[str, Any] = {}
+    known = {f.name: f for f in fields(RunConfig)}
     for key, value in changes.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{key}' (known: "
+                              f"{', '.join(sorted(known))})")
         if key in _SECTION_CLASSES:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{key}] must be a table of settings")
-            section = getattr(config, key)
-            names = {f.name for f in fields(section)}
+            section = top.get(key, getattr(config, key))
+            names = {f.name: f for f in fields(section)}
             sub = {}
             for k, v in value.items():
                 if k not in names:
                     raise ConfigError(f"{source}: unknown key '{key}.{k}' (known: "
                                       f"{', '.join(sorted(names))})")
-                sub[k] = _coerce(v, getattr(section, k), f"{source}: {key}.{k}")
-            top[key] = replace(section, **sub)
+                sub[k] = _coerce(v, getattr(section, k), str(names[k].type),
+                                 f"{source}: {key}.{k}")
+            top[key] = _replace_checked(section, sub, f"{source}: [{key}]")
         else:
-            names = {f.name for f in fields(RunConfig)}
-            if key not in names:
-                raise ConfigError(f"{source}: unknown key '{key}' (known: "
-                                  f"{', '.join(sorted(names))})")
-            top[key] = _coerce(value, getattr(config, key), f"{source}: {key}")
-    return replace(config, **top)
+            top[key] = _coerce(value, getattr(config, key), str(known[key].type),
+                               f"{source}: {key}")
+    return _replace_checked(config, top, source)
 
 
 def with_preset(name: str, config: RunConfig | None = None) -> RunConfig:

@@ -3,9 +3,11 @@ Cliff's delta), Spearman correlations, and the structure analysis of ``cud analy
 
 from cud.analysis.compare import (MIN_SAMPLES, VERDICTS, GroupTest, cliffs_delta, compare_groups,
                                   correlations, cud_groups, holm, mann_whitney, verdict)
-from cud.analysis.structure import (PAPER_EXPECTATIONS, StructureAnalysis, analyze_structure,
+from cud.analysis.stage import AnalysisSettings, analyze_to_folder
+from cud.analysis.signature import (PAPER_EXPECTATIONS, StructureAnalysis, analyze_structure,
                                     anchor_ids)
 
 __all__ = ["GroupTest", "MIN_SAMPLES", "VERDICTS", "cliffs_delta", "compare_groups",
            "correlations", "cud_groups", "holm", "mann_whitney", "verdict",
-           "PAPER_EXPECTATIONS", "StructureAnalysis", "analyze_structure", "anchor_ids"]
+           "PAPER_EXPECTATIONS", "StructureAnalysis", "analyze_structure", "anchor_ids",
+           "AnalysisSettings", "analyze_to_folder"]

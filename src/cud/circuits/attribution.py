@@ -21,7 +21,7 @@ Methods:
 Moving *every* node towards the zero baseline at once only rescales the residual stream, which a
 model whose readers normalise their input cannot see (every supported family), and the
 straight-through gradients then grow by 1/alpha at every layer they cross: on SmolLM2 the
-scores reached 1e13 to 1e21. That combination is refused (:func:`check_method_and_baseline`);
+scores reached 1e13 to 1e21. That combination is refused (:func:`check_method_and_ablation`);
 the zero baseline works with the other three methods.
 """
 
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from cud.circuits.baseline_activations import BaselineActivations
+from cud.circuits.ablation import Ablation
 from cud.circuits.gradients import ReaderGradients
 from cud.circuits.metrics import METRICS, AnswerTargets, metric_value
 from cud.circuits.runner import Interpolation, ResidualRunner
@@ -42,13 +42,13 @@ from cud.errors import ConfigError
 METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "eap-ig-activations-by-layer")
 
 
-def check_method_and_baseline(method: str, baseline: str) -> None:
+def check_method_and_ablation(method: str, baseline: str) -> None:
     """Refuse the one combination whose scores are meaningless (see the module docstring)."""
     if method == "eap-ig-activations" and baseline == "zero":
         raise ConfigError(
             "eap-ig-activations with the zero baseline moves every node's output towards 0 at "
             "once: that only rescales the residual stream, which a model whose layers normalise "
-            "their input cannot see, and its gradients grow by 1/alpha per layer. Use --baseline "
+            "their input cannot see, and its gradients grow by 1/alpha per layer. Use --ablation "
             "corrupt or mean, --method eap-ig-activations-by-layer (the reference code's "
             "schedule), eap-ig-inputs, or eap with --metric logprob")
 
@@ -97,8 +97,9 @@ class Attribution:
     clean_logprob: Tensor
 
 
-def attribute(runner: ResidualRunner, batch: Batch, baseline: BaselineActivations,
-              settings: AttributionSettings = AttributionSettings()) -> Attribution:
+def attribute(runner: ResidualRunner, batch: Batch, ablation: Ablation,
+              settings: AttributionSettings = AttributionSettings(), *,
+              z_base: Tensor | None = None) -> Attribution:
     """Score every edge of ``runner.graph`` for every sample of ``batch``.
 
     Every method's integration path ends at alpha = 1, where each node's interpolated output
@@ -125,7 +126,7 @@ def attribute(runner: ResidualRunner, batch: Batch, baseline: BaselineActivation
             gradients.add(run.capture, values * weight)
         return run.outputs, logprob.detach()
 
-    check_method_and_baseline(settings.method, baseline.name)
+    check_method_and_ablation(settings.method, ablation.name)
     alphas = settings.alphas
     assert alphas[-1] == 1.0
     # the node groups moved one at a time (by layer), or all at once (None)
@@ -139,7 +140,8 @@ def attribute(runner: ResidualRunner, batch: Batch, baseline: BaselineActivation
     # the alpha = 1 pass stands for every group's (identical) clean pass
     clean_outputs, clean_logprob = gradient_pass(None, record=True, weight=len(node_groups))
     with torch.no_grad():
-        z_base = baseline.for_batch(runner, batch)
+        if z_base is None:
+            z_base = ablation.for_batch(runner, batch)
         # (B, F, T, d): z' - z on real tokens, 0 on padding, each node's values contiguous so
         # that a prefix of nodes is a (B, n_up, T * d) matrix to contract with a bmm
         delta = torch.empty(b, g.n_forward, t, d, dtype=clean_outputs.dtype, device=device)

@@ -9,6 +9,7 @@ Format (as written by the public EAP-IG ``Graph.to_json``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +19,23 @@ from torch import Tensor
 
 from cud.circuits.graph import Graph
 from cud.errors import DataError
+
+
+#: longest file name (bytes) before an id is shortened to a prefix and a hash of the whole id
+MAX_NAME = 150
+
+
+def json_file_name(sample_id: str) -> str:
+    """A file name for a sample's circuit that no other id maps to: every character outside
+    ``[A-Za-z0-9._-]`` is percent-encoded (``a/b`` -> ``a%2Fb``, ``a b`` -> ``a%20b``, ``%``
+    itself -> ``%25``), and a name that would be too long for a file system keeps its first
+    characters and gets a hash of the whole id."""
+    from urllib.parse import quote
+    name = quote(sample_id, safe="")
+    if len(name.encode()) > MAX_NAME:
+        digest = hashlib.sha256(sample_id.encode()).hexdigest()[:16]
+        name = f"{name[:MAX_NAME - 20]}..{digest}"
+    return f"{name}.json"
 
 
 def circuit_to_json(graph: Graph, edge_scores: Tensor, circuit: Tensor) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cud.circuits.baseline_activations import BaselineActivations
+from cud.circuits.ablation import Ablation
 from cud.circuits.metrics import AnswerTargets, metric_value
 from cud.circuits.runner import EdgePatch, ResidualRunner
 from cud.data.encoding import Batch
@@ -40,11 +40,13 @@ def patched_metric(runner: ResidualRunner, batch: Batch, keep_edges: Tensor, z_b
 
 
 def faithfulness(runner: ResidualRunner, batch: Batch, circuits: Tensor,
-                 baseline: BaselineActivations, metric: str = "kl",
-                 clean_logprob: Tensor | None = None) -> Faithfulness:
+                 ablation: Ablation, metric: str = "kl",
+                 clean_logprob: Tensor | None = None, z_base: Tensor | None = None
+                 ) -> Faithfulness:
     """Faithfulness of each sample's circuit. ``circuits``: (B, n_edges) bool (or float in [0,1]).
     ``clean_logprob``: the batch's clean mean answer log-probabilities (B,) when already known
-    (:class:`~cud.circuits.attribution.Attribution` has them), else a clean run computes them."""
+    (:class:`~cud.circuits.attribution.Attribution` has them), else a clean run computes them.
+    ``z_base``: ``ablation``'s activations of this batch when already computed."""
     device = next(runner.adapter.model.parameters()).device
     batch = batch.to(device)
     circuits = circuits.to(device)
@@ -55,7 +57,8 @@ def faithfulness(runner: ResidualRunner, batch: Batch, circuits: Tensor,
                                logit_mask=targets.positions)
             clean_logprob = targets.mean_logprob(clean.logits)
         clean_logprob = clean_logprob.to(device)
-        z_base = baseline.for_batch(runner, batch)
+        if z_base is None:
+            z_base = ablation.for_batch(runner, batch)
         m_clean = metric_value(metric, clean_logprob, clean_logprob)
         empty = torch.zeros(1, runner.graph.n_edges, device=device)
         m_base = patched_metric(runner, batch, empty, z_base, metric, targets, clean_logprob)

@@ -1,4 +1,4 @@
-"""Per-sample circuits of a whole QA set, written to a :class:`~cud.runtime.store.CircuitStore`
+"""Per-sample circuits of a whole QA set, written to a :class:`~cud.circuits.store.CircuitStore`
 batch by batch: attribution, selection and faithfulness for every sample, resumable.
 
 Batches are formed from the *whole* set (similar lengths together) before finished samples are
@@ -9,29 +9,28 @@ of the run instead of failing.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Collection, Sequence
+from typing import Collection, Sequence
 
 import pandas as pd
 import torch
 
-from cud.circuits.attribution import (AttributionSettings, attribute,
-                                     check_method_and_baseline)
-from cud.circuits.baseline_activations import BASELINES, BaselineActivations, make_baseline
-from cud.circuits.export import write_circuit_json
+from cud.circuits.ablation import Ablation, make_ablation
+from cud.circuits.attribution import attribute
+from cud.circuits.export import json_file_name, write_circuit_json
 from cud.circuits.faithfulness import faithfulness
 from cud.circuits.runner import ResidualRunner
-from cud.circuits.selection import SelectionSettings, select
+from cud.circuits.selection import select
+from cud.circuits.settings import CircuitSettings
+from cud.circuits.store import CircuitStore, text_hash
 from cud.data.encoding import Batch, EncodedSample, batches, collate, encode_samples
 from cud.data.samples import QASample
 from cud.errors import ConfigError, NumericalError
+from cud.models.fingerprint import model_fingerprint
 from cud.models.loading import LoadedModel
-from cud.runtime.store import CircuitStore, text_hash
+from cud.progress import Progress, within
 
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
                     torch.cuda.OutOfMemoryError})
@@ -40,51 +39,8 @@ OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryErr
 #: Bumped whenever a code change alters the scores of the same settings, so a folder of older
 #: scores is refused instead of being mixed with new ones (2: kl from log-probabilities; 3: the
 #: heads' gradients from one shared stream and the alpha = 1 pass as the clean run, which round
-#: differently).
-SCORES_VERSION = 3
-
-
-@dataclass(frozen=True)
-class CircuitSettings:
-    """Everything that decides a sample's circuit (and so the store's settings hash)."""
-
-    attribution: AttributionSettings = field(default_factory=AttributionSettings)
-    selection: SelectionSettings = field(default_factory=SelectionSettings)
-    #: corrupt by default: the zero baseline and the default method do not go together
-    #: (:func:`~cud.circuits.attribution.check_method_and_baseline`)
-    baseline: str = "corrupt"
-    #: data spec of the reference set of the ``mean`` baseline
-    reference: str | None = None
-    #: seed of the ``corrupt`` baseline
-    seed: int = 0
-    faithfulness: bool = True
-
-    def __post_init__(self):
-        if self.baseline not in BASELINES:
-            raise ConfigError(f"unknown baseline '{self.baseline}' "
-                              f"(choose from {', '.join(BASELINES)})")
-        if self.baseline == "mean" and not self.reference:
-            raise ConfigError("the mean baseline needs a reference set (--reference DATA)")
-        check_method_and_baseline(self.attribution.method, self.baseline)
-
-    def to_dict(self) -> dict:
-        return {**self.attribution.to_dict(), **self.selection.to_dict(),
-                "baseline": self.baseline, "reference": self.reference, "seed": self.seed,
-                "faithfulness": self.faithfulness}
-
-
-def model_fingerprint(lm: LoadedModel) -> str:
-    """Identifies the weights, not the path: a fine-tuned copy of a model has the same config
-    but another fingerprint. Config + dtype + a few parameter sums."""
-    params = list(lm.model.parameters())
-    picks = [params[0], params[len(params) // 2], params[-1]]
-    # summed on the CPU, so a driver on the CPU and workers on GPUs agree
-    picks = [p.detach().to("cpu", torch.float64) for p in picks]
-    sums = [f"{p.sum().item():.6e}/{p.abs().sum().item():.6e}" for p in picks]
-    config = {k: v for k, v in lm.model.config.to_dict().items()
-              if k not in ("_name_or_path", "transformers_version", "_commit_hash")}
-    blob = json.dumps([config, str(lm.dtype), sums, len(params)], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+#: differently; 4: settings renamed (ablation, draws, batch size in the hash)).
+SCORES_VERSION = 4
 
 
 @dataclass
@@ -97,13 +53,6 @@ class CircuitRun:
     n_skipped: int
     seconds: float
     batch_size: int               # the batch size at the end (lower after an out-of-memory)
-
-
-Progress = Callable[[int, int, dict], None]
-
-
-def _safe_name(sample_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", sample_id)[:120]
 
 
 def circuit_store(lm: LoadedModel, out: str | Path, settings: CircuitSettings) -> CircuitStore:
@@ -124,14 +73,14 @@ def plan_batches(lm: LoadedModel, samples: Sequence[QASample], batch_size: int
 
 
 def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
-                  settings: CircuitSettings = CircuitSettings(), *, batch_size: int = 8,
+                  settings: CircuitSettings = CircuitSettings(), *,
                   reference: Sequence[QASample] | None = None, export_json: bool = False,
                   progress: Progress | None = None,
                   only_batches: Collection[int] | None = None) -> CircuitRun:
     """Circuits of every sample of ``samples`` into the folder ``out`` (created or resumed).
 
-    ``reference``: samples of the ``mean`` baseline's reference set. ``progress(done, total,
-    info)`` is called after each batch. Returns the per-sample table of these samples.
+    ``reference``: samples of the ``mean`` ablation's reference set. ``progress`` (task
+    ``circuits``) is called after each batch. Returns the per-sample table of these samples.
 
     ``only_batches``: indices into the batch plan (:func:`plan_batches`) to compute, for one
     worker of a distributed run (:mod:`cud.runtime.distributed`); the other batches are left
@@ -139,6 +88,8 @@ def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
     start = time.perf_counter()
     runner = ResidualRunner(lm.adapter)
     store = circuit_store(lm, out, settings)
+    batch_size = settings.batch_size
+    report = within(progress, "circuits")
 
     encoded = encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
     hashes = {s.id: text_hash(s.question, s.answer) for s in samples}
@@ -150,12 +101,11 @@ def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
     done = store.done(hashes) & mine
     pending = [e for e in encoded if e.id in mine and e.id not in done]
     total, n_done = len(mine), len(done)
-    if progress:
-        progress(n_done, total, {"skipped": n_done})
+    report(n_done, total, f"{n_done} already done" if n_done else "")
 
     computed = 0
     if pending:
-        baseline = _baseline(lm, runner, settings, reference, batch_size)
+        ablation = _ablation(lm, runner, settings, reference)
         by_id = {e.id: e for e in pending}
         for batch in plan:
             todo = [i for i in batch.ids if i not in done]
@@ -163,12 +113,11 @@ def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
                 continue
             sub = batch if len(todo) == len(batch.ids) else \
                 collate([by_id[i] for i in todo], lm.pad_token_id)
-            batch_size = _process(lm, runner, store, sub, [by_id[i] for i in todo], baseline,
+            batch_size = _process(lm, runner, store, sub, [by_id[i] for i in todo], ablation,
                                   settings, hashes, batch_size, export_json)
             computed += len(todo)
             n_done += len(todo)
-            if progress:
-                progress(n_done, total, {"batch": len(todo)})
+            report(n_done, total, "")
     if only_batches is None:
         table = store.finalize([s.id for s in samples])
     else:
@@ -178,23 +127,24 @@ def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
                       time.perf_counter() - start, batch_size)
 
 
-def _baseline(lm: LoadedModel, runner: ResidualRunner, settings: CircuitSettings,
-              reference: Sequence[QASample] | None, batch_size: int) -> BaselineActivations:
+def _ablation(lm: LoadedModel, runner: ResidualRunner, settings: CircuitSettings,
+              reference: Sequence[QASample] | None) -> Ablation:
     ref_batches = None
-    if settings.baseline == "mean":
+    if settings.ablation == "mean":
         if not reference:
-            raise ConfigError("the mean baseline needs reference samples (--reference DATA)")
+            raise ConfigError("the mean ablation needs reference samples (--reference DATA)")
         ref_enc = encode_samples(lm.tokenizer, reference, max_length=lm.adapter.max_positions)
-        ref_batches = [b.to(lm.device) for b in batches(ref_enc, batch_size, lm.pad_token_id)]
-    return make_baseline(settings.baseline, tokenizer=lm.tokenizer, runner=runner,
-                         reference=ref_batches, seed=settings.seed)
+        ref_batches = [b.to(lm.device) for b in batches(ref_enc, settings.batch_size,
+                                                         lm.pad_token_id)]
+    return make_ablation(settings.ablation, tokenizer=lm.tokenizer, runner=runner,
+                         reference=ref_batches, seed=settings.seed, draws=settings.draws)
 
 
-def _process(lm, runner, store, batch: Batch, encoded: list[EncodedSample], baseline,
+def _process(lm, runner, store, batch: Batch, encoded: list[EncodedSample], ablation,
              settings: CircuitSettings, hashes: dict, batch_size: int, export_json: bool) -> int:
     """Compute and commit one batch; on out-of-memory split it. Returns the batch size to use."""
     try:
-        _compute_and_write(lm, runner, store, batch, encoded, baseline, settings, hashes,
+        _compute_and_write(lm, runner, store, batch, encoded, ablation, settings, hashes,
                            export_json)
         return batch_size
     except OOM_ERRORS:
@@ -207,29 +157,32 @@ def _process(lm, runner, store, batch: Batch, encoded: list[EncodedSample], base
         half = len(batch) // 2
         for part in (encoded[:half], encoded[half:]):
             sub = collate(part, lm.pad_token_id)
-            batch_size = _process(lm, runner, store, sub, part, baseline, settings, hashes,
+            batch_size = _process(lm, runner, store, sub, part, ablation, settings, hashes,
                                   min(batch_size, half), export_json)
         return min(batch_size, half)
 
 
 def _compute_and_write(lm, runner, store: CircuitStore, batch: Batch,
-                       encoded: list[EncodedSample], baseline, settings: CircuitSettings,
-                       hashes: dict, export_json: bool) -> None:
-    att = attribute(runner, batch, baseline, settings.attribution)
+                       encoded: list[EncodedSample], ablation: Ablation,
+                       settings: CircuitSettings, hashes: dict, export_json: bool) -> None:
+    batch = batch.to(lm.device)
+    with torch.no_grad():  # once per batch: attribution and faithfulness share it
+        z_base = ablation.for_batch(runner, batch)
+    att = attribute(runner, batch, ablation, settings.attribution, z_base=z_base)
     finite = torch.isfinite(att.edge_scores).all(dim=1)
     if not bool(finite.all()):
         bad = [i for i, ok in zip(batch.ids, finite.tolist()) if not ok]
         raise NumericalError(f"sample(s) {', '.join(bad[:5])}: non-finite edge scores "
                              f"(overflow in {lm.dtype}?); try --dtype float32. Results of "
                              f"earlier batches are kept")
-    circuits = select(runner.graph, att.edge_scores, settings.selection)
+    circuits = select(runner.graph, att.edge_scores, settings.selector)
     rows = [{"text_hash": hashes[e.id], "n_tokens": len(e), "n_answer_tokens": sum(e.answer_mask),
              "clean_logprob": float(lp), "circuit_edges": int(c.sum()),
              "score_abs_sum": float(s.abs().sum())}
             for e, lp, c, s in zip(encoded, att.clean_logprob, circuits, att.edge_scores)]
     if settings.faithfulness:
-        f = faithfulness(runner, batch, circuits, baseline, settings.attribution.metric,
-                         clean_logprob=att.clean_logprob)
+        f = faithfulness(runner, batch, circuits, ablation, settings.metric,
+                         clean_logprob=att.clean_logprob, z_base=z_base)
         for k, row in enumerate(rows):
             row.update(faithfulness=float(f.faithfulness[k]), metric_clean=float(f.metric_clean[k]),
                        metric_circuit=float(f.metric_circuit[k]),
@@ -238,6 +191,6 @@ def _compute_and_write(lm, runner, store: CircuitStore, batch: Batch,
         folder = store.root / "json"
         folder.mkdir(exist_ok=True)
         for k, sample_id in enumerate(batch.ids):
-            write_circuit_json(folder / f"{_safe_name(sample_id)}.json", runner.graph,
+            write_circuit_json(folder / json_file_name(sample_id), runner.graph,
                                att.edge_scores[k], circuits[k])
     store.write_batch(batch.ids, att.edge_scores, circuits, rows)

@@ -11,6 +11,7 @@ All three run on the whole batch at once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +35,10 @@ class SelectionSettings:
                               f"(choose from {', '.join(SELECTIONS)})")
         if self.selection == "threshold" and self.threshold is None:
             raise ConfigError("selection 'threshold' needs --threshold")
+        if self.threshold is not None and not (math.isfinite(self.threshold)
+                                               and self.threshold >= 0):
+            # NaN would compare false with every score and leave every circuit empty
+            raise ConfigError(f"threshold must be a finite number >= 0, got {self.threshold}")
         if self.selection != "threshold" and self.n_edges < 1:
             raise ConfigError(f"n_edges must be at least 1, got {self.n_edges}")
 

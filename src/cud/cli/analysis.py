@@ -1,5 +1,5 @@
-"""Commands of the analysis stage: `analyze` (structure of the circuits against difficulty) and
-`report` (one self-contained HTML file plus PNG figures)."""
+"""Command `analyze`: the structure of the circuits against difficulty (the paper's mechanistic
+claim)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,17 @@ from typing import Optional
 
 import typer
 
-from cud.cli.app import app, console, fail
-from cud.errors import CudError
+from cud.analysis.stage import AnalysisSettings
+from cud.cli.app import command, console
+from cud.cli.options import csv_list, default, out_folder, settings_from
+
+D = AnalysisSettings
 
 
-def _csv_list(spec: Optional[str]) -> Optional[list[str]]:
-    if spec is None:
-        return None
-    return [x.strip() for x in spec.split(",") if x.strip()]
-
-
-@app.command()
+@command
 def analyze(
-    circuits: str = typer.Option(..., help="Circuits folder (`cud circuits --out`)."),
+    circuits: str = typer.Option("cud-out/circuits", help="Circuits folder (`cud circuits "
+                                                          "--out`)."),
     scores: Optional[str] = typer.Option(None, help="CUD scores (`cud score --out` folder or "
                                                     "its scores table)."),
     distance: Optional[str] = typer.Option(None, help="Which distance's CUD when --scores has "
@@ -32,13 +30,14 @@ def analyze(
                                                       "(per-method outcomes)."),
     method: Optional[str] = typer.Option(None, help="Methods of --outcomes (comma list) "
                                                     "(default: all)."),
-    outcome: str = typer.Option("nll_after,nll_delta", help="Outcomes to correlate with "
-                                                            "(comma list)."),
-    fraction: float = typer.Option(1 / 3, show_default="1/3",
-                                   help="Share of samples in each of the CUD-easy and "
-                                        "CUD-hard groups."),
-    alpha: float = typer.Option(0.05, help="Significance level (Holm-adjusted p-values)."),
-    out: str = typer.Option("cud-analysis", help="Output folder."),
+    outcome: Optional[str] = typer.Option(None, help="Outcomes to correlate with (comma list) "
+                                                     f"{default(D, 'outcomes')}."),
+    fraction: Optional[float] = typer.Option(None, help="Share of samples in each of the "
+                                                        "CUD-easy and CUD-hard groups "
+                                                        "(default: 1/3)."),
+    alpha: Optional[float] = typer.Option(None, help="Significance level (Holm-adjusted "
+                                                     f"p-values) {default(D, 'alpha')}."),
+    out: str = typer.Option("cud-out/analysis", help="Output folder."),
 ):
     """Circuit structure, and whether easy and hard samples differ as the paper says.
 
@@ -47,43 +46,32 @@ def analyze(
     from rich import box
     from rich.table import Table
 
-    from cud.analysis import analyze_structure
-    from cud.circuits.structure import STATISTICS, structure_statistics
+    from cud.analysis.stage import analyze_to_folder
+    from cud.circuits.store import load_circuits
+    from cud.circuits.structure import STATISTICS
     from cud.report.inputs import load_report_inputs
 
-    if not 0 < fraction <= 0.5:
-        fail(f"--fraction must be in (0, 0.5], got {fraction}")
-    if not 0 < alpha < 1:
-        fail(f"--alpha must be in (0, 1), got {alpha}")
-    try:
-        inputs = load_report_inputs(circuits=circuits, cud=scores, distance=distance,
-                                    anchors=anchors, unlearn=outcomes,
-                                    methods=_csv_list(method))
-        with console.status("structure statistics"):
-            stats = structure_statistics(inputs.graph, inputs.circuits, ids=inputs.ids)
-        difficulties = {}
-        if inputs.outcomes:
-            from cud.difficulty.groundtruth import difficulty
-            for name in _csv_list(outcome) or []:
-                for m, table in inputs.outcomes.items():
-                    difficulties[f"{m} {name}"] = difficulty(table, name, source=m)
-        cud = inputs.cud["cud"].astype(float) if inputs.cud is not None else None
-        result = analyze_structure(stats, anchors=inputs.anchors, cud=cud,
-                                   difficulties=difficulties, fraction=fraction, alpha=alpha)
-        result.save(out)
-    except CudError as e:
-        fail(str(e))
-
-    g = inputs.graph
+    settings = settings_from(AnalysisSettings,
+                             outcomes=tuple(csv_list(outcome)) if outcome else None,
+                             fraction=fraction, alpha=alpha)
+    folder = out_folder(out)
+    inputs = load_report_inputs(cud=scores, distance=distance, anchors=anchors,
+                                unlearn=outcomes, methods=csv_list(method))
+    cs = load_circuits(circuits)
+    cud = inputs.cud["cud"].astype(float) if inputs.cud is not None else None
+    with console.status("structure statistics"):
+        result = analyze_to_folder(cs, folder, settings, anchors=inputs.anchors, cud=cud,
+                                   outcomes=inputs.outcomes)
+    stats = result.statistics
     short = {"not significant": "n.s.", "no claim": "", "too few samples": "too few"}
     styles = {"agrees": "green", "opposite": "red"}
 
     def shown(v: str) -> str:
         return f"[{styles[v]}]{v}[/]" if v in styles else short.get(v, v)
 
-    table = Table(title=f"circuit structure, {len(stats)} samples, {g.n_layers} layers "
+    table = Table(title=f"circuit structure, {len(stats)} samples, {cs.graph.n_layers} layers "
                         f"(↑ = the paper expects higher in hard; δ = Cliff's delta, + = higher "
-                        f"in hard; verdicts Holm-adjusted at {alpha})",
+                        f"in hard; verdicts Holm-adjusted at {settings.alpha})",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("statistic", no_wrap=True)
     table.add_column("median", justify="right")
@@ -113,58 +101,4 @@ def analyze(
         console.print(f"{target}: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     for note in result.notes:
         console.print(f"[dim]{note}[/]")
-    print(out)
-
-
-@app.command()
-def report(
-    circuits: Optional[str] = typer.Option(None, help="Circuits folder (`cud circuits --out`)."),
-    scores: Optional[str] = typer.Option(None, help="CUD scores (`cud score --out` folder or "
-                                                    "its scores table)."),
-    distance: Optional[str] = typer.Option(None, help="Which distance's CUD when --scores has "
-                                                      "several (default: cosine)."),
-    anchors: Optional[str] = typer.Option(None, help="Anchors folder (`cud anchors --out`) or "
-                                                     "JSON file (default: the anchor_role "
-                                                     "column of --scores)."),
-    outcomes: Optional[str] = typer.Option(None, help="`cud unlearn` output folder."),
-    method: Optional[str] = typer.Option(None, help="Methods of --outcomes (comma list) "
-                                                    "(default: all)."),
-    outcome: str = typer.Option("nll_after,nll_delta", help="Outcomes shown against CUD; the "
-                                                            "first defines 'hard' for the ROC "
-                                                            "curves."),
-    baselines: Optional[str] = typer.Option(None, help="`cud baselines` folder or table."),
-    data: Optional[str] = typer.Option(None, help="QA data, for the samples' text."),
-    split: Optional[str] = typer.Option(None, help="Split of a dataset folder."),
-    draw: Optional[str] = typer.Option(None, help="Sample ids whose circuits to draw (comma "
-                                                  "list) (default: the easiest and hardest "
-                                                  "by CUD)."),
-    top: int = typer.Option(10, help="Rows in the hardest and easiest sample tables."),
-    title: str = typer.Option("CUD report", help="Title of the report."),
-    out: str = typer.Option("cud-report", help="Output folder (report.html, figures/)."),
-):
-    """One self-contained HTML report (figures embedded) plus PNG files.
-
-    Every input is optional; a section without its inputs is left out with a note."""
-    from cud.report import build_report, load_report_inputs
-
-    if top < 1:
-        fail(f"--top must be at least 1, got {top}")
-    if not any([circuits, scores, outcomes, baselines]):
-        fail("nothing to report: give at least one of --circuits, --scores, --outcomes, "
-             "--baselines")
-    try:
-        inputs = load_report_inputs(circuits=circuits, cud=scores, distance=distance,
-                                    anchors=anchors, unlearn=outcomes,
-                                    methods=_csv_list(method), baselines=baselines, data=data,
-                                    split=split)
-        with console.status("figures") as status:
-            result = build_report(inputs, out, title=title, outcomes=_csv_list(outcome),
-                                  draw=_csv_list(draw), n_extremes=top,
-                                  progress=lambda name: status.update(f"figure: {name}"))
-    except CudError as e:
-        fail(str(e))
-    console.print(f"{len(result.figures)} figures in {len(result.sections)} sections: "
-                  f"{', '.join(result.sections) or 'none'}")
-    for note in result.notes:
-        console.print(f"[dim]{note}[/]")
-    print(result.html)
+    print(folder)

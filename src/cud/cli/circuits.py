@@ -6,36 +6,52 @@ from typing import Optional
 
 import typer
 
-from cud.cli.app import app, console, fail
-from cud.cli.common import load, progress_bar
-from cud.errors import CudError
+from cud.circuits.settings import CircuitSettings
+from cud.cli.app import command, console
+from cud.cli.common import load
+from cud.cli.options import default, out_folder, settings_from
+from cud.cli.render import progress_bars
+from cud.errors import ConfigError
+
+D = CircuitSettings
 
 
-@app.command()
+@command
 def circuits(
     model: str = typer.Option("smollm2", help="Model: bundled short name, HF folder or .gguf."),
     data: str = typer.Option("builtin", help="QA data: builtin[:N[:SEED]], .json/.jsonl/.csv, "
-                                              "or a dataset folder."),
+                                              "a dataset folder, or the forget split of "
+                                              "tofu:FOLDER[:FORGET[:RETAIN]]."),
     split: Optional[str] = typer.Option(None, help="Split of a dataset folder."),
-    out: str = typer.Option("cud-out/circuits", help="Output folder (created, or resumed)."),
-    method: str = typer.Option("eap-ig-activations",
-                               help="eap, eap-ig-inputs, eap-ig-activations or "
-                                    "eap-ig-activations-by-layer (the reference code's schedule: "
-                                    "2L+1 times the passes)."),
-    steps: int = typer.Option(5, help="Integration steps of eap-ig-*."),
-    baseline: str = typer.Option("corrupt", help="corrupt (question tokens replaced), zero (not "
-                                                 "with eap-ig-activations) or mean (needs "
-                                                 "--reference)."),
-    reference: Optional[str] = typer.Option(None, help="Reference QA data of the mean baseline."),
-    metric: str = typer.Option("kl", help="kl or logprob."),
-    selection: str = typer.Option("greedy", help="greedy, topn or threshold."),
-    n_edges: int = typer.Option(75, help="Circuit size for greedy and topn."),
-    threshold: Optional[float] = typer.Option(None, help="|score| threshold for 'threshold'."),
-    faithful: bool = typer.Option(True, "--faithfulness/--no-faithfulness",
-                                  help="Measure each circuit's faithfulness (one more pass)."),
-    batch_size: int = typer.Option(8, help="Samples per pass (lowered on GPU out-of-memory)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
-    seed: int = typer.Option(0, help="Seed of the corrupt baseline."),
+    out: str = typer.Option("cud-out/circuits", help="Output folder (created, or resumed)."),
+    method: Optional[str] = typer.Option(None, help="eap, eap-ig-inputs, eap-ig-activations or "
+                                                    "eap-ig-activations-by-layer (the reference "
+                                                    "code's schedule: 2L+1 times the passes) "
+                                                    f"{default(D, 'method')}."),
+    steps: Optional[int] = typer.Option(None, help=f"Integration steps of eap-ig-* "
+                                                   f"{default(D, 'steps')}."),
+    metric: Optional[str] = typer.Option(None, help=f"kl or logprob {default(D, 'metric')}."),
+    ablation: Optional[str] = typer.Option(None, help="What a patched edge carries: corrupt "
+                                                      "(question tokens replaced), zero (not "
+                                                      "with eap-ig-activations) or mean (needs "
+                                                      f"--reference) {default(D, 'ablation')}."),
+    draws: Optional[int] = typer.Option(None, help="Corrupted prompts averaged per sample "
+                                                   f"{default(D, 'draws')}."),
+    reference: Optional[str] = typer.Option(None, help="Reference QA data of the mean ablation."),
+    selection: Optional[str] = typer.Option(None, help="greedy, topn or threshold "
+                                                       f"{default(D, 'selection')}."),
+    n_edges: Optional[int] = typer.Option(None, help="Circuit size for greedy and topn "
+                                                     f"{default(D, 'n_edges')}."),
+    threshold: Optional[float] = typer.Option(None, help="|score| threshold for 'threshold'."),
+    faithful: Optional[bool] = typer.Option(None, "--faithfulness/--no-faithfulness",
+                                            help="Measure each circuit's faithfulness (one more "
+                                                 "pass) (default: on)."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per pass; part of the result "
+                                                        f"{default(D, 'batch_size')}."),
+    seed: Optional[int] = typer.Option(None, help=f"Seed of the corrupted prompts "
+                                                  f"{default(D, 'seed')}; another seed is an "
+                                                  f"independent measurement (test-retest)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: GPU if any)."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 "
                                                    "(default: fp32 on CPU, bf16 on GPU)."),
@@ -48,49 +64,36 @@ def circuits(
                                                          "storage every node shares."),
 ):
     """Find every sample's circuit (EAP-IG) and write scores, circuits and faithfulness to OUT."""
-    from cud.circuits.attribution import AttributionSettings
-    from cud.circuits.pipeline import CircuitSettings, find_circuits
-    from cud.circuits.selection import SelectionSettings
+    from cud.circuits.pipeline import find_circuits
     from cud.data import load_qa
+    from cud.data.prepare import load_samples
 
-    try:
-        if batch_size < 1:
-            fail(f"--batch-size must be at least 1, got {batch_size}")
-        if workers < 1:
-            fail(f"--workers must be at least 1, got {workers}")
-        settings = CircuitSettings(
-            attribution=AttributionSettings(method=method, steps=steps, metric=metric),
-            selection=SelectionSettings(selection=selection, n_edges=n_edges,
-                                        threshold=threshold),
-            baseline=baseline, reference=reference, seed=seed, faithfulness=faithful)
-        samples = load_qa(data, split=split, limit=limit)
-        ref = load_qa(reference) if reference else None
-        distributed = workers > 1 or ray_address is not None
-        lm = None if distributed else load(model, device, dtype)
-        with progress_bar() as bar:
-            task = bar.add_task("circuits", total=len(samples), info="")
-
-            def update(done: int, total: int, info: dict) -> None:
-                note = f"{info['skipped']} already done" if "skipped" in info else \
-                    f"{info['workers']} workers" if "workers" in info else ""
-                bar.update(task, completed=done, total=total, info=note)
-
-            if distributed:
-                from cud.runtime.distributed import find_circuits_distributed
-                run = find_circuits_distributed(
-                    model, samples, out, settings, workers=workers, address=ray_address,
-                    device=device, dtype=dtype, batch_size=batch_size, reference=ref,
-                    export_json=export_json, progress=update)
-            else:
-                run = find_circuits(lm, samples, out, settings, batch_size=batch_size,
-                                    reference=ref, export_json=export_json, progress=update)
-    except CudError as e:
-        fail(str(e))
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    settings = settings_from(CircuitSettings, method=method, steps=steps, metric=metric,
+                             ablation=ablation, draws=draws, reference=reference,
+                             selection=selection, n_edges=n_edges, threshold=threshold,
+                             faithfulness=faithful, batch_size=batch_size, seed=seed)
+    folder = out_folder(out)
+    samples = load_samples(data, split=split, limit=limit)
+    ref = load_qa(reference) if reference else None
+    distributed = workers > 1 or ray_address is not None
+    with progress_bars() as bar:
+        if distributed:
+            from cud.runtime.distributed import find_circuits_distributed
+            run = find_circuits_distributed(model, samples, folder, settings, workers=workers,
+                                            address=ray_address, device=device, dtype=dtype,
+                                            reference=ref, export_json=export_json,
+                                            progress=bar)
+        else:
+            lm = load(model, device, dtype)
+            run = find_circuits(lm, samples, folder, settings, reference=ref,
+                                export_json=export_json, progress=bar)
     _summary(run, settings)
     print(run.root)
 
 
-def _summary(run, settings) -> None:
+def _summary(run, settings: CircuitSettings) -> None:
     from rich.table import Table
 
     t = run.table
@@ -111,6 +114,7 @@ def _summary(run, settings) -> None:
     console.print(table)
     if run.n_computed:
         console.print(f"{run.seconds / max(run.n_computed, 1):.2f} s per computed sample; "
-                      f"method {settings.attribution.method}, metric {settings.attribution.metric}, "
-                      f"baseline {settings.baseline}, selection {settings.selection.selection}")
+                      f"method {settings.method}, metric {settings.metric}, ablation "
+                      f"{settings.ablation} ({settings.draws} draw(s)), selection "
+                      f"{settings.selection}")
     console.print(f"results in {run.root} (samples.parquet, shards/, edges.txt, manifest.json)")

@@ -7,15 +7,17 @@ from typing import Optional
 
 import typer
 
-from cud.cli.app import app, console, fail
-from cud.errors import CudError
+from cud.cli.app import command, console
+from cud.cli.options import csv_list
 
 
-@app.command()
+@command
 def run(
     config: Optional[Path] = typer.Option(None, "--config", "-c",
                                           help="A .toml or .yaml file setting any stage option."),
-    preset: Optional[str] = typer.Option(None, help="default or quick (a small complete run)."),
+    preset: Optional[str] = typer.Option(None, help="default, quick (a small complete run), "
+                                                    "paper (METHOD's hyperparameters) or tofu "
+                                                    "(the paper's TOFU experiment, on a CPU)."),
     model: Optional[str] = typer.Option(None, help="Model (default: smollm2): bundled short "
                                                    "name, HF folder or .gguf."),
     data: Optional[str] = typer.Option(None, help="QA data (default: builtin), or "
@@ -28,35 +30,22 @@ def run(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: GPU if any)."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 (default: fp32 on CPU, "
                                                    "bf16 on GPU)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the split, anchors and bootstrap."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the split, the corrupted prompts, "
+                                                  "training, anchors and bootstrap."),
 ):
     """The whole pipeline: fine-tune, circuits, unlearning, anchors, CUD, validation, report."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn)
-
+    from cud.cli.render import progress_bars
     from cud.config import load_config
     from cud.workflow import run as run_pipeline
 
     overrides = dict(model=model, data=data, limit=limit, out=out, device=device, dtype=dtype,
                      seed=seed)
     if methods:
-        overrides["unlearning"] = {"methods": [m.strip() for m in methods.split(",")]}
-    try:
-        cfg = load_config(config, {k: v for k, v in overrides.items() if v is not None},
-                          preset=preset)
-        with Progress(TextColumn("{task.description:<11}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                      transient=False) as bar:
-            tasks: dict[str, int] = {}
-
-            def progress(stage: str, done: int, total, info: str) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total, info="")
-                bar.update(tasks[stage], completed=done, total=total, info=info[:60])
-
-            result = run_pipeline(cfg, progress=progress)
-    except CudError as e:
-        fail(str(e))
+        overrides["unlearning"] = {"methods": csv_list(methods)}
+    cfg = load_config(config, {k: v for k, v in overrides.items() if v is not None},
+                      preset=preset)
+    with progress_bars(transient=False) as bar:
+        result = run_pipeline(cfg, progress=bar)
     _summary(result)
     print(result.report or result.out)
 

@@ -68,6 +68,31 @@ def format_prompt(tokenizer, question: str) -> tuple[str, bool]:
     return PLAIN_TEMPLATE.format(question=question), True
 
 
+def _slow_question_mask(tokenizer, prompt: str, q_start: int, q_end: int, p_ids: list[int],
+                        where: dict) -> list[bool]:
+    """The question's tokens among a slow tokenizer's prompt tokens ``p_ids``: the prompt up to
+    the question's start and up to its end, tokenised alone, must be prefixes of the prompt's
+    own tokens (they are for byte- and word-level tokenizers); otherwise the question cannot be
+    located and the sample is refused rather than given an empty mask (the corrupt ablation
+    would then change nothing)."""
+    def plain(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    body = plain(prompt)
+    lead = next((k for k in range(len(p_ids) - len(body) + 1)
+                 if p_ids[k:k + len(body)] == body), None)
+    before, through = plain(prompt[:q_start]), plain(prompt[:q_end])
+    if q_start < 0 or lead is None or body[:len(before)] != before or \
+            body[:len(through)] != through or len(through) <= len(before):
+        raise DataError("this tokenizer gives no character offsets and the question's tokens "
+                        "cannot be located in the prompt; use the model's fast tokenizer "
+                        "(tokenizer.json)", field="question", **where)
+    mask = [False] * len(p_ids)
+    for k in range(lead + len(before), lead + len(through)):
+        mask[k] = True
+    return mask
+
+
 def encode_sample(tokenizer, sample: QASample, *, max_length: int | None = None
                   ) -> EncodedSample:
     """Tokenise ``sample`` as prompt + answer and mark answer and question tokens.
@@ -81,6 +106,9 @@ def encode_sample(tokenizer, sample: QASample, *, max_length: int | None = None
     answer_start = len(prompt)
     q_start = prompt.rfind(sample.question)
     q_end = q_start + len(sample.question)
+    file, _, line = sample.source.rpartition(":")
+    where = dict(file=file or sample.source or sample.id,
+                 line=int(line) if line.isdigit() else None)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(full, add_special_tokens=add_special, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -89,14 +117,12 @@ def encode_sample(tokenizer, sample: QASample, *, max_length: int | None = None
         question_mask = [q_start >= 0 and start < q_end and end > q_start and end > start
                          for start, end in offsets]
     else:  # slow tokenizers have no offsets: tokenise the parts separately
-        p_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+        p_ids = list(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
         a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        ids = list(p_ids) + list(a_ids)
+        ids = p_ids + list(a_ids)
         answer_mask = [False] * len(p_ids) + [True] * len(a_ids)
-        question_mask = [False] * len(ids)
-    file, _, line = sample.source.rpartition(":")
-    where = dict(file=file or sample.source or sample.id,
-                 line=int(line) if line.isdigit() else None)
+        question_mask = _slow_question_mask(tokenizer, prompt, q_start, q_end, p_ids, where) \
+            + [False] * len(a_ids)
     if not any(answer_mask):
         raise DataError("the answer has no token after tokenisation", field="answer", **where)
     if answer_mask[0]:

@@ -135,6 +135,10 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         if reader.fieldnames is None:
             raise DataError("empty CSV file", file=str(path))
+        twice = sorted({c for c in reader.fieldnames if reader.fieldnames.count(c) > 1})
+        if twice:  # DictReader would keep the last of them silently
+            raise DataError(f"column(s) {', '.join(map(repr, twice))} appear more than once in "
+                            f"the header", file=str(path), line=1)
         for row in reader:
             if None in row:  # more cells than header columns
                 raise DataError("more cells than columns in the header", file=str(path),
@@ -169,6 +173,24 @@ def _hf_disk_rows(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
         yield i + 1, row
 
 
+def _check_answers(extra: dict, path: Path, line: int) -> None:
+    """TOFU's other answers must be text (``paraphrased_answer``) and text or a list of texts
+    (``perturbed_answer``): the truth ratio reads them as answers. An empty value counts as
+    absent."""
+    para = extra.get("paraphrased_answer")
+    if para not in (None, "") and not isinstance(para, str):
+        raise DataError(f"expected text, got {type(para).__name__}", file=str(path), line=line,
+                        field="paraphrased_answer")
+    pert = extra.get("perturbed_answer")
+    if pert in (None, "", []):
+        return
+    items = [pert] if isinstance(pert, str) else pert
+    if not isinstance(items, (list, tuple)) or \
+            not all(isinstance(p, str) and p.strip() for p in items):
+        raise DataError("expected a text or a list of non-empty texts, got "
+                        f"{pert!r}"[:120], file=str(path), line=line, field="perturbed_answer")
+
+
 def _rows_to_samples(rows: Iterable[tuple[int, Any]], path: Path) -> Iterator[QASample]:
     seen: dict[str, int] = {}
     for index, (line, row) in enumerate(rows):
@@ -197,5 +219,6 @@ def _rows_to_samples(rows: Iterable[tuple[int, Any]], path: Path) -> Iterator[QA
                             file=str(path), line=line, field="id")
         seen[sample_id] = line
         extra = {k: v for k, v in row.items() if k not in ("id", *REQUIRED_FIELDS)}
+        _check_answers(extra, path, line)
         yield QASample(id=sample_id, question=row["question"], answer=row["answer"],
                        source=f"{path}:{line}", extra=extra)

@@ -6,18 +6,21 @@ less forgotten by unlearning; easy anchors = most forgotten, hard anchors = leas
 
 from cud.difficulty.anchors import (AnchorCircuits, AnchorSet, anchor_circuits, anchor_pool,
                                     anchors_from_ids, anchors_from_outcomes, load_anchors)
-from cud.difficulty.baselines import (BASELINES, baseline_metrics, gradient_norms, min_k_prob, mrd,
+from cud.difficulty.baselines import (BASELINE_METRICS, BaselineSettings, baseline_metrics,
+                                      baselines_to_folder, gradient_norms, min_k_prob, mrd,
                                       random_scores)
 from cud.difficulty.bilevel import bilevel_anchors
 from cud.difficulty.groundtruth import difficulty, forgetting, read_outcomes
 from cud.difficulty.predictor import circuit_features, fit_predictor
 from cud.difficulty.score import DISTANCES, cud_scores, distance, score_samples
 from cud.difficulty.split import easy_hard_protocol, split_halves
+from cud.difficulty.stage import validate_to_folder
 from cud.difficulty.study import StudyResult, StudySettings, run_study
 from cud.difficulty.validation import (agreement_matrix, evaluate_pairs, held_out_pairs,
                                        orientation, validation_table)
 
-__all__ = ["BASELINES", "baseline_metrics", "gradient_norms", "min_k_prob", "mrd",
+__all__ = ["BASELINE_METRICS", "BaselineSettings", "baseline_metrics", "baselines_to_folder",
+           "validate_to_folder", "gradient_norms", "min_k_prob", "mrd",
            "random_scores",
            "AnchorSet", "AnchorCircuits", "anchor_circuits", "anchor_pool", "anchors_from_ids",
            "anchors_from_outcomes", "load_anchors", "bilevel_anchors",

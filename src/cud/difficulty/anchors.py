@@ -52,6 +52,11 @@ class AnchorSet:
     name: str = "anchors"
 
     def __post_init__(self):
+        for side, ids in (("easy", self.easy), ("hard", self.hard)):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            if twice:
+                raise ConfigError(f"{side} anchor id(s) {', '.join(twice[:5])} given more than "
+                                  f"once")
         both = set(self.easy) & set(self.hard)
         if both:
             raise ConfigError(f"sample(s) {', '.join(sorted(both)[:5])} are both easy and hard "
@@ -285,14 +290,25 @@ def selection_of(settings: Mapping) -> SelectionSettings:
                              threshold=settings.get("threshold"))
 
 
-def check_compatible(anchors: AnchorCircuits, graph: Graph, circuit_settings: Mapping) -> None:
-    """Anchors can only score circuits of the same graph, made the same way."""
+#: what decides per-sample scores besides the graph; anchors and circuits must agree on all
+COMPATIBLE_KEYS = ("model_fingerprint", "scores_version", "method", "steps", "metric", "ablation",
+                   "draws", "seed", "reference")
+SELECTION_KEYS = ("selection", "n_edges", "threshold")
+
+
+def check_compatible(anchors: AnchorCircuits, graph: Graph, circuit_settings: Mapping, *,
+                     selection: bool = True) -> None:
+    """Anchors can only score circuits of the same graph, attributed the same way on the same
+    model (same weights, corrupted prompts, ...), and, unless the caller re-selects both sides
+    at one size (``selection=False``), selected the same way."""
     if anchors.graph.cfg != graph.cfg:
         raise ConfigError(f"the anchors were made on another graph ({anchors.graph.cfg}) than "
                           f"these circuits ({graph.cfg})")
-    keys = ("method", "steps", "metric", "baseline")
-    changed = [k for k in keys if k in anchors.circuit_settings and k in circuit_settings
-               and anchors.circuit_settings[k] != circuit_settings[k]]
+    theirs = anchors.circuit_settings
+    keys = COMPATIBLE_KEYS + (SELECTION_KEYS if selection else ())
+    changed = [k for k in keys if theirs.get(k) != circuit_settings.get(k)]
     if changed:
-        raise ConfigError(f"the anchors' circuits were attributed differently ({', '.join(changed)}"
-                          f" differ); rebuild the anchors from circuits made like these")
+        what = ", ".join(f"{k}: {theirs.get(k)!r} vs {circuit_settings.get(k)!r}"
+                         for k in changed)
+        raise ConfigError(f"the anchors' circuits were made differently from these circuits "
+                          f"({what}); rebuild the anchors from circuits made like these")

@@ -2,7 +2,7 @@
 
 Per sample, keyed by id: pre-unlearning answer loss, answer probability, exact memorisation,
 Min-K% probability, gradient norm, MRD, and a seeded random score (the random ranking).
-None of them has a known direction with respect to unlearning difficulty; :data:`BASELINES`
+None of them has a known direction with respect to unlearning difficulty; :data:`BASELINE_METRICS`
 says what a high value means, and validation reads each against the ground truth.
 """
 
@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,14 +23,13 @@ import torch
 from cud.data.encoding import Batch, batches, encode_samples
 from cud.data.samples import QASample
 from cud.errors import ConfigError
+from cud.models.answers import answer_logits, teacher_forced_outcomes
 from cud.models.loading import LoadedModel
-from cud.unlearning.outcomes import teacher_forced_outcomes
-from cud.unlearning.scoring import answer_logits
-
-Progress = Callable[[int, int], None]
+from cud.progress import Progress
+from cud.tables import save_table
 
 #: baseline metric -> what a high value means
-BASELINES: dict[str, str] = {
+BASELINE_METRICS: dict[str, str] = {
     "loss": "high = answer poorly known before unlearning (mean answer NLL)",
     "prob": "high = answer well known (normalised answer probability)",
     "exact_mem": "high = answer memorised token by token (teacher-forced argmax)",
@@ -40,6 +40,40 @@ BASELINES: dict[str, str] = {
            "tracks the Hessian trace; capped at 2)",
     "random": "a seeded uniform random score (the random ranking)",
 }
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """Which baseline metrics are computed and how (`cud baselines`, ``[baselines]`` of
+    `cud run`). ``mrd_k``: MRD's number of weight perturbations (the MRD paper uses 100; 20
+    keeps the default run affordable on a CPU, the ``paper`` preset sets 100). ``enabled``:
+    whether `cud run` computes them at all."""
+
+    enabled: bool = True
+    metrics: tuple[str, ...] = tuple(BASELINE_METRICS)
+    min_k: float = 0.2
+    mrd_k: int = 20
+    mrd_sigma: float = 1e-5
+    mrd_tokens: str = "answer"
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self):
+        unknown = [m for m in self.metrics if m not in BASELINE_METRICS]
+        if unknown:
+            raise ConfigError(f"unknown baseline metric(s) {', '.join(unknown)} "
+                              f"(choose from {', '.join(BASELINE_METRICS)})")
+        if not 0 < self.min_k <= 1:
+            raise ConfigError(f"min-k fraction must be in (0, 1], got {self.min_k}")
+        if self.mrd_k < 1:
+            raise ConfigError(f"MRD needs K >= 1 draws, got {self.mrd_k}")
+        if not self.mrd_sigma >= 0:
+            raise ConfigError(f"MRD needs sigma >= 0, got {self.mrd_sigma}")
+        if self.mrd_tokens not in ("answer", "all"):
+            raise ConfigError(f"MRD tokens must be 'answer' or 'all', got '{self.mrd_tokens}'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _encoded(lm: LoadedModel, samples: Sequence[QASample]):
@@ -84,7 +118,7 @@ def gradient_norms(lm: LoadedModel, samples: Sequence[QASample], *,
                      if p.grad is not None)
             out.append(math.sqrt(sq))
             if progress:
-                progress(n + 1, len(encoded))
+                progress("grad_norm", n + 1, len(encoded), "")
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -169,7 +203,7 @@ def mrd(lm: LoadedModel, samples: Sequence[QASample], *, sigma: float = 1e-5, k:
             if ckpt is not None:
                 _save_checkpoint(ckpt, key, draw + 1, acc)
             if progress:
-                progress(draw + 1, k)
+                progress("mrd", draw + 1, k, "")
     finally:
         for p, p0 in zip(params, originals):
             p.copy_(p0)
@@ -195,32 +229,28 @@ def random_scores(samples: Sequence[QASample], seed: int = 0) -> pd.Series:
                      name="random")
 
 
-def baseline_metrics(lm: LoadedModel, samples: Sequence[QASample], *,
-                     metrics: Sequence[str] = tuple(BASELINES), min_k: float = 0.2,
-                     mrd_sigma: float = 1e-5, mrd_k: int = 100, mrd_tokens: str = "answer",
-                     seed: int = 0, batch_size: int = 16, work_dir: str | Path | None = None,
-                     progress: Callable[[str, int, int], None] | None = None) -> pd.DataFrame:
-    """Every baseline difficulty metric of ``samples`` under ``lm`` (before unlearning), one
-    column each (see :data:`BASELINES`), index ``id``.
+def baseline_metrics(lm: LoadedModel, samples: Sequence[QASample],
+                     settings: BaselineSettings = BaselineSettings(), *,
+                     work_dir: str | Path | None = None, progress: Progress | None = None
+                     ) -> pd.DataFrame:
+    """Every baseline difficulty metric of ``settings.metrics`` for ``samples`` under ``lm``
+    (before unlearning), one column each (see :data:`BASELINE_METRICS`), index ``id``.
 
-    With ``work_dir``, each finished metric is kept there (keyed by a hash of the model name,
-    samples and its settings) and MRD checkpoints after every draw, so a killed run resumes.
+    With ``work_dir``, each finished metric is kept there (keyed by a hash of the model's
+    fingerprint, the samples and the metric's settings) and MRD checkpoints after every draw,
+    so a killed run resumes.
     """
-    unknown = [m for m in metrics if m not in BASELINES]
-    if unknown:
-        raise ConfigError(f"unknown baseline metric(s) {', '.join(unknown)} "
-                          f"(choose from {', '.join(BASELINES)})")
+    from cud.models.fingerprint import model_fingerprint
+    b = settings
     work = Path(work_dir) if work_dir is not None else None
     ids = pd.Index([s.id for s in samples], name="id")
     table = pd.DataFrame(index=ids)
+    fingerprint = model_fingerprint(lm) if work is not None else ""
 
-    def report(name: str) -> Progress | None:
-        return (lambda done, total: progress(name, done, total)) if progress else None
-
-    def cached(name: str, settings: list, compute: Callable[[], pd.Series | pd.DataFrame]):
+    def cached(name: str, key: list, compute: Callable[[], pd.Series | pd.DataFrame]):
         if work is None:
             return compute()
-        h = hashlib.sha256(json.dumps([lm.name, name, settings]).encode())
+        h = hashlib.sha256(json.dumps([fingerprint, name, key]).encode())
         for s in samples:
             h.update(json.dumps([s.id, s.question, s.answer]).encode())
         path = work / f"baseline.{name}.{h.hexdigest()[:16]}.parquet"
@@ -232,26 +262,39 @@ def baseline_metrics(lm: LoadedModel, samples: Sequence[QASample], *,
         frame.to_parquet(path)
         return frame
 
-    tf_wanted = [m for m in ("loss", "prob", "exact_mem") if m in metrics]
+    tf_wanted = [m for m in ("loss", "prob", "exact_mem") if m in b.metrics]
     if tf_wanted:
-        tf = cached("teacher_forced", [batch_size], lambda: teacher_forced_outcomes(
-            lm, samples, batch_size=batch_size, progress=report("loss")))
+        tf = cached("teacher_forced", [b.batch_size], lambda: teacher_forced_outcomes(
+            lm, samples, batch_size=b.batch_size, progress=progress, task="loss"))
         tf = tf.rename(columns={"nll": "loss"})
         for m in tf_wanted:
             table[m] = tf[m].reindex(ids)
-    if "min_k_prob" in metrics:
-        table["min_k_prob"] = _col(cached("min_k_prob", [min_k], lambda: min_k_prob(
-            lm, samples, k=min_k, batch_size=batch_size)), ids)
-    if "grad_norm" in metrics:
+    if "min_k_prob" in b.metrics:
+        table["min_k_prob"] = _col(cached("min_k_prob", [b.min_k], lambda: min_k_prob(
+            lm, samples, k=b.min_k, batch_size=b.batch_size)), ids)
+    if "grad_norm" in b.metrics:
         table["grad_norm"] = _col(cached("grad_norm", [], lambda: gradient_norms(
-            lm, samples, progress=report("grad_norm"))), ids)
-    if "mrd" in metrics:
+            lm, samples, progress=progress)), ids)
+    if "mrd" in b.metrics:
         ckpt = work / "mrd.checkpoint.npz" if work is not None else None
-        table["mrd"] = _col(cached("mrd", [mrd_sigma, mrd_k, mrd_tokens, seed], lambda: mrd(
-            lm, samples, sigma=mrd_sigma, k=mrd_k, seed=seed, tokens=mrd_tokens,
-            batch_size=batch_size, checkpoint=ckpt, progress=report("mrd"))), ids)
-    if "random" in metrics:
-        table["random"] = random_scores(samples, seed)
+        table["mrd"] = _col(cached("mrd", [b.mrd_sigma, b.mrd_k, b.mrd_tokens, b.seed],
+                                   lambda: mrd(lm, samples, sigma=b.mrd_sigma, k=b.mrd_k,
+                                               seed=b.seed, tokens=b.mrd_tokens,
+                                               batch_size=b.batch_size, checkpoint=ckpt,
+                                               progress=progress)), ids)
+    if "random" in b.metrics:
+        table["random"] = random_scores(samples, b.seed)
+    return table
+
+
+def baselines_to_folder(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
+                        settings: BaselineSettings = BaselineSettings(), *,
+                        progress: Progress | None = None) -> pd.DataFrame:
+    """The baselines stage (`cud baselines`, and `cud run`'s): :func:`baseline_metrics` with
+    its work kept in ``out/.work`` (resumable), the table written to ``out/baselines``."""
+    table = baseline_metrics(lm, samples, settings, work_dir=Path(out) / ".work",
+                             progress=progress)
+    save_table(table, Path(out) / "baselines")
     return table
 
 

@@ -36,8 +36,8 @@ from cud.data.samples import QASample
 from cud.difficulty.anchors import AnchorSet, anchor_pool
 from cud.errors import ConfigError
 from cud.models.loading import LoadedModel
-from cud.unlearning.presets import DEFAULT_PRESET, preset
-from cud.unlearning.scoring import answer_logits
+from cud.unlearning.hyperparameters import DEFAULT_TABLE, hyperparameters
+from cud.models.answers import answer_logits
 
 
 def subset_objective(subset: Sequence[int], loss: np.ndarray, gram: np.ndarray,
@@ -144,7 +144,7 @@ def per_sample_gradients(lm: LoadedModel, samples: Sequence[QASample],
 
 def bilevel_anchors(lm: LoadedModel, forget: Sequence[QASample], k: int, *,
                     retain: Sequence[QASample] = (), method: str = "graddiff",
-                    preset_name: str = DEFAULT_PRESET, eta: float | None = None,
+                    hyperparameter_table: str = DEFAULT_TABLE, eta: float | None = None,
                     alpha: float | None = None, pool_fraction: float = 1.0, seed: int = 0,
                     layers: int = 1, progress: Callable[[int, int], None] | None = None
                     ) -> AnchorSet:
@@ -153,7 +153,7 @@ def bilevel_anchors(lm: LoadedModel, forget: Sequence[QASample], k: int, *,
     ``eta`` defaults to the preset's learning rate times the optimizer steps the method would
     take on k samples (an SGD stand-in for the run's budget); ``alpha`` to the preset's retain
     weight. Candidates: a seeded ``pool_fraction`` of ``forget``."""
-    hyper, train = preset(method, preset_name)
+    hyper, train = hyperparameters(method, hyperparameter_table)
     if eta is None:
         eta = train.lr * train.total_steps(k)
     if alpha is None:
@@ -184,7 +184,7 @@ def bilevel_anchors(lm: LoadedModel, forget: Sequence[QASample], k: int, *,
     easy_ids = [candidates[i].id for i in easy.indices]
     hard_ids = [candidates[i].id for i in hard]
     return AnchorSet(easy=easy_ids, hard=hard_ids, source="bilevel", excluded=easy_ids + hard_ids,
-                     details={"method": method, "preset": preset_name, "eta": eta,
+                     details={"method": method, "table": hyperparameter_table, "eta": eta,
                               "alpha": alpha, "k": k, "objective_easy": easy.objective,
                               "objective_hard": hard_local.objective, "layers": layers,
                               "n_parameters": int(grads.shape[1]), "pool_fraction": pool_fraction,

@@ -18,7 +18,7 @@ and general knowledge no more than unlearning the hard half.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,9 +26,11 @@ from scipy import stats
 
 from cud.data.samples import QASample
 from cud.errors import ConfigError
+from cud.progress import Progress
 from cud.models.loading import LoadedModel
+from cud.unlearning.hyperparameters import DEFAULT_TABLE
 from cud.unlearning.loop import TrainConfig
-from cud.unlearning.outcomes import teacher_forced_outcomes
+from cud.models.answers import teacher_forced_outcomes
 from cud.unlearning.run import DEFAULT_FORGET_THRESHOLD, unlearn
 
 
@@ -70,11 +72,11 @@ def _wilcoxon(a: pd.Series, b: pd.Series) -> tuple[float, float]:
 
 def easy_hard_protocol(lm: LoadedModel, forget: Sequence[QASample], scores: pd.Series, *,
                        retain: Sequence[QASample] = (), general: Sequence[QASample] = (),
-                       method: str = "graddiff", preset_name: str = "quick",
+                       method: str = "graddiff", hyperparameter_table: str = DEFAULT_TABLE,
                        train_config: TrainConfig | None = None,
                        hyperparameters: dict | None = None,
                        threshold: float = DEFAULT_FORGET_THRESHOLD, batch_size: int = 16,
-                       progress: Callable[[str, int, int, dict], None] | None = None
+                       progress: Progress | None = None
                        ) -> SplitResult:
     """Run the protocol on the ``forget`` samples that have a score in ``scores`` (CUD, high =
     hard). ``retain`` is kept by the method (where it uses one) and measured; ``general`` is
@@ -87,9 +89,10 @@ def easy_hard_protocol(lm: LoadedModel, forget: Sequence[QASample], scores: pd.S
     general_before = _nll(lm, general, batch_size)
     forget_rows, retain_after, general_after, runs = [], {}, {}, {}
     for half, half_ids in (("easy", easy_ids), ("hard", hard_ids)):
-        report = (lambda s, t, row, half=half: progress(half, s, t, row)) if progress else None
+        report = (lambda task, s, t, info, half=half: progress(f"{half} half", s, t, info)) \
+            if progress else None
         result = unlearn(lm, [by_id[i] for i in half_ids], retain or None, method=method,
-                         preset_name=preset_name, train_config=train_config,
+                         hyperparameter_table=hyperparameter_table, train_config=train_config,
                          hyperparameters=hyperparameters, metrics=("nll", "prob", "exact_mem"),
                          forget_threshold=threshold, batch_size=batch_size, progress=report)
         d = result.deltas
@@ -141,7 +144,7 @@ def easy_hard_protocol(lm: LoadedModel, forget: Sequence[QASample], scores: pd.S
         "retain_nll_delta": retain_t[f"nll_delta_{h}"].mean() if len(retain_t) else np.nan,
         "general_nll_delta": general_t[f"nll_delta_{h}"].mean() if len(general_t) else np.nan,
     } for h, part in (("easy", easy), ("hard", hard))])
-    settings = {"method": method, "preset": preset_name, "threshold": threshold,
+    settings = {"method": method, "table": hyperparameter_table, "threshold": threshold,
                 "easy": easy_ids, "hard": hard_ids, "runs": runs}
     return SplitResult(forget=table, retain=retain_t, general=general_t, summary=summary,
                        tests=pd.DataFrame(tests), settings=settings)

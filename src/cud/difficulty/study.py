@@ -18,8 +18,10 @@ Every number comes through :func:`cud.difficulty.validation.held_out_pairs`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Sequence
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import pandas as pd
 from torch import Tensor
@@ -36,9 +38,8 @@ from cud.difficulty.score import DISTANCES, cud_scores
 from cud.difficulty.validation import (agreement_matrix, excluded_set, held_out_pairs,
                                        orientation, spearman, validation_table)
 from cud.errors import ConfigError
-
-Progress = Callable[[str, int, int], None]
-
+from cud.progress import Progress, within
+from cud.tables import save_table
 
 @dataclass(frozen=True)
 class StudySettings:
@@ -84,6 +85,25 @@ class StudyResult:
     predictor: dict = field(default_factory=dict)
     settings: StudySettings = field(default_factory=StudySettings)
 
+    def save(self, folder: str | Path) -> Path:
+        """Write every table (Parquet + CSV) and ``study.json`` (settings, anchor sets, the
+        held-out and excluded ids, the predictor) into ``folder``."""
+        root = Path(folder)
+        root.mkdir(parents=True, exist_ok=True)
+        save_table(self.heldout, root / "heldout", index=False)
+        if not self.cross_method.empty:
+            save_table(self.cross_method, root / "cross_method", index=False)
+        save_table(self.robustness, root / "robustness", index=False)
+        save_table(self.metrics, root / "metrics", index=True)
+        for name, matrix in self.agreement.items():
+            matrix.to_csv(root / f"agreement_{name}.csv")
+        (root / "study.json").write_text(json.dumps({
+            "settings": asdict(self.settings),
+            "anchors": {n: a.to_dict() for n, a in self.anchors.items()},
+            "held_out": self.held_out, "excluded": self.excluded,
+            "predictor": self.predictor}, indent=1, default=str) + "\n")
+        return root
+
 
 def _cud(edge_scores: Tensor, ac: AnchorCircuits, ids: Sequence[str], circuits: Tensor,
          distance: str, weighted: bool) -> pd.Series:
@@ -108,7 +128,8 @@ def run_study(ids: Sequence[str], edge_scores: Tensor, graph: Graph,
     if not outcomes:
         raise ConfigError("the study needs at least one method's outcomes")
     s = settings
-    report = progress or (lambda *_: None)
+    def report(name: str, done: int, total: int) -> None:
+        within(progress, "validation")(done, total, name)
     if circuits is None:
         circuits = select(graph, edge_scores, selection)
     with_circuit = set(ids)
@@ -217,3 +238,33 @@ def run_study(ids: Sequence[str], edge_scores: Tensor, graph: Graph,
     return StudyResult(heldout=heldout, cross_method=cross, agreement=agreement,
                        robustness=robustness, metrics=metrics, anchors=sets, held_out=held,
                        excluded=sorted(banned), predictor=predictor_info, settings=s)
+
+
+def read_study(folder: str | Path) -> StudyResult:
+    """A validation folder written by :meth:`StudyResult.save`, read back."""
+    from cud.errors import DataError
+    root = Path(folder)
+    meta_path = root / "study.json"
+    if not meta_path.is_file():
+        raise DataError("not a validation folder (no study.json); run `cud validate` first",
+                        file=str(root))
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"unreadable ({e.msg})", file=str(meta_path), line=e.lineno) from None
+
+    def table(name: str) -> pd.DataFrame:
+        path = root / f"{name}.parquet"
+        return pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+
+    agreement = {p.stem[len("agreement_"):]: pd.read_csv(p, index_col=0)
+                 for p in sorted(root.glob("agreement_*.csv"))}
+    known = {f.name for f in fields(StudySettings)}
+    settings = StudySettings(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in meta.get("settings", {}).items() if k in known})
+    return StudyResult(heldout=table("heldout"), cross_method=table("cross_method"),
+                       agreement=agreement, robustness=table("robustness"),
+                       metrics=table("metrics"),
+                       anchors={n: AnchorSet.from_dict(a) for n, a in meta["anchors"].items()},
+                       held_out=meta["held_out"], excluded=meta["excluded"],
+                       predictor=meta.get("predictor", {}), settings=settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,13 +126,19 @@ def _first_line(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """No 'Loading weights' progress bar: the library never prints."""
+    """No 'Loading weights' progress bar and no load report: the library never prints (what a
+    report would say, cud checks itself and says in one line)."""
     from transformers.utils import logging as hf_logging
     enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
-        yield
+        # transformers' GGUF reader draws a tqdm bar of its own on standard error
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if enabled:
             hf_logging.enable_progress_bar()
 
@@ -199,16 +206,49 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None,
         raise ModelError(f"{spec}: cannot load the tokenizer ({_first_line(e)})") from None
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype, **kwargs)
+            # mismatched shapes are reported in ``info`` (and refused below), not raised after
+            # a multi-line report
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(where), dtype=torch_dtype, output_loading_info=True,
+                ignore_mismatched_sizes=True, **kwargs)
     except Exception as e:  # a truncated or damaged weights file: SafetensorError, struct.error
         raise ModelError(f"{spec}: cannot load the weights ({_first_line(e)}); the file may be "
                          f"truncated or damaged") from None
+    _check_loading_info(spec, info)
     model.to(dev).eval()
     return prepare(model, tokenizer, name=spec)
 
 
+def _check_loading_info(spec: str, info: dict) -> None:
+    """Refuse weights that do not fit the config: tensors the config expects but the weights
+    lack (randomly initialised otherwise), tensors of layers the config does not have (dropped
+    otherwise), tensors of another shape."""
+    def shown(keys) -> str:
+        keys = [k if isinstance(k, str) else str(k[0]) for k in keys]
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"{len(info['missing_keys'])} tensor(s) the config expects are not in "
+                        f"the weights ({shown(sorted(info['missing_keys']))})")
+    if info.get("unexpected_keys"):
+        problems.append(f"{len(info['unexpected_keys'])} tensor(s) of the weights are not in "
+                        f"the config ({shown(sorted(info['unexpected_keys']))})")
+    if info.get("mismatched_keys"):
+        problems.append(f"{len(info['mismatched_keys'])} tensor(s) have another shape "
+                        f"({shown(info['mismatched_keys'])})")
+    if problems:
+        raise ModelError(f"{spec}: config.json and the weights disagree: {'; '.join(problems)}")
+
+
 def prepare(model: torch.nn.Module, tokenizer, *, name: str = "model") -> LoadedModel:
-    """Wrap an already loaded HF model: eval mode, a pad token, the family's adapter."""
+    """Wrap an already loaded HF model: eval mode, a pad token, the family's adapter. A
+    tokenizer with more tokens than the model has embeddings is refused (its last ids would
+    index past the embedding matrix)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model only "
+                         f"{rows} embeddings; tokenizer and weights do not belong together")
     model.eval()
     if getattr(tokenizer, "pad_token_id", None) is None and \
             getattr(tokenizer, "eos_token", None) is not None:

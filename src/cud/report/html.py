@@ -21,9 +21,26 @@ import numpy as np
 import pandas as pd
 
 from cud.circuits.graph import Graph
+from cud.errors import ConfigError
+from cud.progress import Progress
 from cud.report import figures as F
 
-Progress = Callable[[str], None]
+@dataclass(frozen=True)
+class ReportSettings:
+    """The report (`cud report`, ``[report]`` of `cud run`): its title, the outcomes shown
+    against CUD (the first also defines "hard" for the ROC curves), how many hardest and
+    easiest samples are listed; ``enabled``: whether `cud run` writes it."""
+
+    enabled: bool = True
+    title: str = "CUD report"
+    outcomes: tuple[str, ...] = ("nll_after", "nll_delta")
+    n_extremes: int = 10
+
+    def __post_init__(self):
+        if self.n_extremes < 1:
+            raise ConfigError(f"n_extremes must be at least 1, got {self.n_extremes}")
+        if not self.outcomes:
+            raise ConfigError("report.outcomes: give at least one outcome")
 
 
 @dataclass
@@ -32,7 +49,7 @@ class ReportInputs:
     (a column ``id`` is accepted too and becomes the index).
 
     - ``graph``, ``ids``, ``circuits`` (N, E) bool, ``edge_scores`` (N, E) float: per-sample
-      circuits, row k = sample ``ids[k]`` (e.g. from :func:`cud.runtime.store.load_circuits`);
+      circuits, row k = sample ``ids[k]`` (e.g. from :func:`cud.circuits.store.load_circuits`);
     - ``cud``: column ``cud`` (0 easy .. 1 hard), optionally ``d_E`` and ``d_H``, one row per id;
     - ``anchors``: ``{"easy": [ids], "hard": [ids]}``; ``excluded``: every id whose outcome was
       read to choose the anchors (kept out of every validation number);
@@ -56,6 +73,7 @@ class ReportInputs:
     baselines: pd.DataFrame | None = None
     samples: pd.DataFrame | None = None
     statistics: pd.DataFrame | None = None
+    study: object | None = None      # a saved validation (:func:`cud.difficulty.study.read_study`)
     sources: dict[str, str] = field(default_factory=dict)   # input name -> where it came from
 
     @property
@@ -117,7 +135,7 @@ class _Builder:
 
     def figure(self, name: str, make: Callable[[], "F.Figure"], caption: str) -> None:
         if self.progress:
-            self.progress(name)
+            self.progress("report", len(self.figures), None, name)
         fig = make()
         png = F.figure_png(fig, self.dpi)
         path = self.figure_dir / f"{name}.png"
@@ -193,7 +211,7 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
     unlearning and its change); the first also defines a method's *hard* samples for the ROC
     curves (forgetting below that method's median). ``draw``: sample ids whose circuits are drawn
     (default: the easiest and hardest evaluated sample by CUD). ``n_extremes``: rows of the
-    hardest/easiest tables. ``progress(name)`` is called before each figure."""
+    hardest/easiest tables. ``progress`` (task ``report``) is called before each figure."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     b = _Builder(out_dir, dpi, progress)
@@ -342,7 +360,7 @@ def _validation_table(cud: pd.Series, forgetting: Mapping[str, Mapping[str, pd.S
 
 def _structure_section(b: _Builder, inputs: ReportInputs, anchors, stats, cud, forgetting,
                        first) -> None:
-    from cud.analysis.structure import analyze_structure
+    from cud.analysis.signature import analyze_structure
     from cud.circuits.structure import STATISTICS
     b.section("structure", "Structure of the easy and hard circuits",
               "The paper's claim: easy samples' circuits are short, shallow and early-to-middle; "

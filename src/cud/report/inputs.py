@@ -1,7 +1,7 @@
 """Read a report's inputs from the folders and files the other commands write. Every input is
 optional; a path that is given but cannot be read is an error that names it.
 
-- circuits: a ``cud circuits`` folder (:func:`cud.runtime.store.load_circuits`);
+- circuits: a ``cud circuits`` folder (:func:`cud.circuits.store.load_circuits`);
 - cud: the ``scores`` table of ``cud score`` (``.parquet`` or ``.csv``; columns ``id``, ``cud``,
   optionally ``d_E``, ``d_H``, ``distance``, ``anchor_role``) or the folder holding it. A table
   with several distances is cut to one (``distance``, default cosine). Without anchors, the
@@ -22,34 +22,9 @@ import pandas as pd
 
 from cud.errors import DataError
 from cud.report.html import ReportInputs
+from cud.tables import read_table
 
 CUD_TABLE_NAMES = ("scores", "cud")
-
-
-def read_table(path: str | Path, *, what: str, names: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A ``.parquet`` or ``.csv`` table, or the first ``<name>.parquet``/``.csv`` of ``names`` in a
-    folder; the index is ``id`` (from a column ``id`` or the stored index)."""
-    path = Path(path)
-    if path.is_dir():
-        found = [path / f"{n}{ext}" for n in names for ext in (".parquet", ".csv")
-                 if (path / f"{n}{ext}").is_file()]
-        if not found:
-            raise DataError(f"no {what} table inside (looked for "
-                            f"{', '.join(n + '.parquet/.csv' for n in names)})", file=str(path))
-        path = found[0]
-    if not path.is_file():
-        raise DataError(f"no such {what} file", file=str(path))
-    try:
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    except Exception as e:
-        raise DataError(f"unreadable {what} table ({type(e).__name__}: {e})",
-                        file=str(path)) from None
-    if "id" in table.columns:
-        table = table.set_index("id")
-    elif table.index.name != "id":
-        raise DataError(f"the {what} table has no 'id' column", file=str(path))
-    table.index = table.index.astype(str)
-    return table
 
 
 def read_anchor_ids(path: str | Path) -> dict:
@@ -86,14 +61,15 @@ def one_distance(table: pd.DataFrame, distance: str | None = None, *, source: st
 def load_report_inputs(*, circuits: str | Path | None = None, cud: str | Path | None = None,
                        distance: str | None = None, anchors: str | Path | None = None,
                        unlearn: str | Path | None = None, methods: list[str] | None = None,
-                       baselines: str | Path | None = None, data: str | None = None,
+                       baselines: str | Path | None = None,
+                       validation: str | Path | None = None, data: str | None = None,
                        split: str | None = None) -> ReportInputs:
     """Everything :func:`cud.report.html.build_report` can use, from paths (see the module
     docstring); ``methods`` picks unlearning methods from ``unlearn``; ``distance`` picks the
     CUD of one distance."""
     out = ReportInputs()
     if circuits is not None:
-        from cud.runtime.store import load_circuits
+        from cud.circuits.store import load_circuits
         cs = load_circuits(circuits)
         out.graph, out.ids = cs.graph, list(cs.ids)
         out.circuits, out.edge_scores = cs.circuits.numpy(), cs.edge_scores.numpy()
@@ -137,6 +113,10 @@ def load_report_inputs(*, circuits: str | Path | None = None, cud: str | Path | 
     if baselines is not None:
         out.baselines = read_table(baselines, what="baselines", names=("baselines",))
         out.sources["baselines"] = str(baselines)
+    if validation is not None:
+        from cud.difficulty.study import read_study
+        out.study = read_study(validation)
+        out.sources["validation"] = str(validation)
     if data is not None:
         from cud.data import load_qa
         samples = load_qa(data, split=split)

@@ -1,7 +1,2 @@
-"""Runtime: the resumable result store (and, later, distributed execution)."""
-
-from cud.runtime.store import (FORMAT_VERSION, CircuitSet, CircuitStore, load_circuits,
-                               settings_hash, text_hash)
-
-__all__ = ["CircuitStore", "CircuitSet", "load_circuits", "settings_hash", "text_hash",
-           "FORMAT_VERSION"]
+"""Runtime: distributed execution of the stages on Ray (:mod:`cud.runtime.distributed`) and
+process-wide memory settings for long CPU runs (:mod:`cud.runtime.memory`)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import socket
 import time
@@ -41,13 +42,14 @@ from typing import Callable, Iterator, Sequence
 import pandas as pd
 import torch
 
-from cud.circuits.pipeline import (CircuitRun, CircuitSettings, Progress, circuit_store,
-                                   find_circuits, plan_batches)
+from cud.circuits.pipeline import CircuitRun, circuit_store, find_circuits, plan_batches
+from cud.circuits.settings import CircuitSettings
 from cud.data.samples import QASample
 from cud.errors import ConfigError, CudError, ModelError
 from cud.models.loading import LoadedModel, load_model, pick_dtype
+from cud.progress import Progress, within
 from cud.runtime.memory import retain_freed_memory
-from cud.runtime.store import text_hash
+from cud.circuits.store import text_hash
 
 #: how often the driver looks at the store to report progress, seconds
 POLL_SECONDS = 1.0
@@ -222,14 +224,14 @@ def _cancel(ray, refs: list) -> None:
 # --- circuits -----------------------------------------------------------------------------------
 
 def _circuit_shard(model: ModelRef, samples: list[QASample], out: str,
-                   settings: CircuitSettings, batch_size: int,
-                   reference: list[QASample] | None, export_json: bool,
+                   settings: CircuitSettings, reference: list[QASample] | None,
+                   export_json: bool,
                    batch_indices: list[int], threads: int | None) -> tuple[int, int]:
     """One Ray task: the planned batches ``batch_indices`` into the store at ``out``.
     Returns (samples computed by this attempt, batch size at the end)."""
     _worker_setup(threads)
     lm = model.load()
-    run = find_circuits(lm, samples, out, settings, batch_size=batch_size, reference=reference,
+    run = find_circuits(lm, samples, out, settings, reference=reference,
                         export_json=export_json, only_batches=batch_indices)
     return run.n_computed, run.batch_size
 
@@ -238,7 +240,7 @@ def find_circuits_distributed(model: str, samples: Sequence[QASample], out: str 
                               settings: CircuitSettings = CircuitSettings(), *,
                               workers: int = 2, address: str | None = None,
                               device: str | None = None, dtype: str | torch.dtype | None = None,
-                              batch_size: int = 8, reference: Sequence[QASample] | None = None,
+                              reference: Sequence[QASample] | None = None,
                               export_json: bool = False, progress: Progress | None = None,
                               max_retries: int = 3, threads: int | None = None) -> CircuitRun:
     """:func:`~cud.circuits.pipeline.find_circuits` on Ray: the pending batches of the
@@ -246,13 +248,14 @@ def find_circuits_distributed(model: str, samples: Sequence[QASample], out: str 
     the cluster has GPUs). ``model`` is a spec as :func:`~cud.models.load_model` takes it: every
     worker loads it; the driver loads it once on the CPU to plan. ``out`` must be on storage
     every worker shares. Same folder, same results as a single process; resumable the same way.
-    ``progress(done, total, info)`` is called about once a second.
+    ``progress`` (task ``circuits``) is called about once a second.
 
     ``threads``: torch threads per worker (default: its share of the CPUs). On a CPU, some
     reductions round differently with another thread count, so scores are bit-identical to a
     single process that uses as many threads as each worker, and equal to float rounding
     otherwise (see the README's "Determinism")."""
     start = time.perf_counter()
+    report = within(progress, "circuits")
     samples = list(samples)
     order = [s.id for s in samples]
     hashes = {s.id: text_hash(s.question, s.answer) for s in samples}
@@ -261,31 +264,29 @@ def find_circuits_distributed(model: str, samples: Sequence[QASample], out: str 
         ref = model_ref(model, device, dtype, gpus=_has_gpus(ray))
         lm = ref.load(device="cpu")
         store = circuit_store(lm, out, settings)
-        plan = plan_batches(lm, samples, batch_size)
+        plan = plan_batches(lm, samples, settings.batch_size)
         del lm
         done = store.done(hashes)
         pending = [k for k, ids in enumerate(plan) if any(i not in done for i in ids)]
         n_skipped = sum(i in done for i in order)
-        if progress:
-            progress(n_skipped, len(order), {"skipped": n_skipped})
+        report(n_skipped, len(order), f"{n_skipped} already done" if n_skipped else "")
         results = []
         if pending:
             task = ray.remote(_circuit_shard).options(
                 **_task_options(ray, workers, ref.device, max_retries, "cud-circuits-shard"))
             samples_ref = ray.put(samples)
-            refs = [task.remote(ref, samples_ref, str(out), settings, batch_size,
+            refs = [task.remote(ref, samples_ref, str(out), settings,
                                 list(reference) if reference else None, export_json, shard,
                                 threads)
                     for shard in split_shards(pending, workers)]
 
             def poll() -> None:
                 if progress:
-                    n = len(store.done(hashes))
-                    progress(n, len(order), {"workers": len(refs)})
+                    report(len(store.done(hashes)), len(order), f"{len(refs)} workers")
 
             results = _wait(ray, refs, poll, "circuits")
     table = store.finalize(order)
-    final_batch = min([b for _, b in results], default=batch_size)
+    final_batch = min([b for _, b in results], default=settings.batch_size)
     # counted from the store: a retried task does not report what its lost attempt committed
     n_computed = len(table) - n_skipped
     return CircuitRun(root, table, n_computed, n_skipped, time.perf_counter() - start,
@@ -294,50 +295,43 @@ def find_circuits_distributed(model: str, samples: Sequence[QASample], out: str 
 
 # --- baseline metrics ---------------------------------------------------------------------------
 
-def _baseline_shard(model: ModelRef, samples: list[QASample], metrics: list[str],
-                    options: dict, work_dir: str, threads: int | None) -> pd.DataFrame:
+def _baseline_shard(model: ModelRef, samples: list[QASample], settings, work_dir: str,
+                    threads: int | None) -> pd.DataFrame:
     """One Ray task: :func:`~cud.difficulty.baselines.baseline_metrics` of a shard's samples
     (given in plan order, so its batches are the single-process batches)."""
     from cud.difficulty.baselines import baseline_metrics
 
     _worker_setup(threads)
     lm = model.load()
-    return baseline_metrics(lm, samples, metrics=metrics, work_dir=work_dir, **options)
+    return baseline_metrics(lm, samples, settings, work_dir=work_dir)
 
 
-def baseline_metrics_distributed(model: str, samples: Sequence[QASample], *,
-                                 work_dir: str | Path, metrics: Sequence[str] | None = None,
-                                 min_k: float = 0.2, mrd_sigma: float = 1e-5, mrd_k: int = 100,
-                                 mrd_tokens: str = "answer", seed: int = 0, batch_size: int = 16,
-                                 workers: int = 2, address: str | None = None,
-                                 device: str | None = None,
+def baseline_metrics_distributed(model: str, samples: Sequence[QASample], settings=None, *,
+                                 work_dir: str | Path, workers: int = 2,
+                                 address: str | None = None, device: str | None = None,
                                  dtype: str | torch.dtype | None = None,
-                                 progress: Callable[[str, int, int], None] | None = None,
+                                 progress: Progress | None = None,
                                  max_retries: int = 3, threads: int | None = None
                                  ) -> pd.DataFrame:
     """:func:`~cud.difficulty.baselines.baseline_metrics` on Ray, the same table.
 
+    ``settings``: a :class:`~cud.difficulty.baselines.BaselineSettings` (default: its defaults).
     The samples are cut along the single-process batch plan (``batch_size`` samples of similar
     length) into ``workers`` contiguous shards; a shard's samples go to its task in plan order,
     so every batch (and every MRD perturbation, seeded by draw) is the one a single process
     computes. Each shard caches its finished metrics and MRD draws under
     ``work_dir/shard-<hash of its ids>``, so a retried or rerun shard resumes. The random
     ranking is drawn on the driver over the whole set, as in one process.
-    ``progress("shards", done, total)`` is called as shards finish; ``threads`` as in
+    ``progress`` (task ``shards``) is called as shards finish; ``threads`` as in
     :func:`find_circuits_distributed`."""
     from cud.data.encoding import batches, encode_samples
-    from cud.difficulty.baselines import BASELINES, random_scores
+    from cud.difficulty.baselines import BaselineSettings, random_scores
 
-    metrics = list(BASELINES) if metrics is None else list(metrics)
-    unknown = [m for m in metrics if m not in BASELINES]
-    if unknown:
-        raise ConfigError(f"unknown baseline metric(s) {', '.join(unknown)} "
-                          f"(choose from {', '.join(BASELINES)})")
+    settings = settings or BaselineSettings()
     samples = list(samples)
     ids = pd.Index([s.id for s in samples], name="id")
-    computed = [m for m in metrics if m != "random"]
-    options = dict(min_k=min_k, mrd_sigma=mrd_sigma, mrd_k=mrd_k, mrd_tokens=mrd_tokens,
-                   seed=seed, batch_size=batch_size)
+    computed = [m for m in settings.metrics if m != "random"]
+    shard_settings = dataclasses.replace(settings, metrics=tuple(computed))
     work = Path(work_dir).expanduser().resolve()
     table = pd.DataFrame(index=ids)
     if computed:
@@ -345,14 +339,14 @@ def baseline_metrics_distributed(model: str, samples: Sequence[QASample], *,
             ref = model_ref(model, device, dtype, gpus=_has_gpus(ray))
             lm = ref.load(device="cpu")
             encoded = encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
-            plan = [b.ids for b in batches(encoded, batch_size, lm.pad_token_id)]
+            plan = [b.ids for b in batches(encoded, settings.batch_size, lm.pad_token_id)]
             del lm, encoded
             by_id = {s.id: s for s in samples}
             shards = [[by_id[i] for k in group for i in plan[k]]
                       for group in split_shards(range(len(plan)), workers)]
             task = ray.remote(_baseline_shard).options(
                 **_task_options(ray, workers, ref.device, max_retries, "cud-baselines-shard"))
-            refs = [task.remote(ref, shard, computed, options,
+            refs = [task.remote(ref, shard, shard_settings,
                                 str(work / f"shard-{_ids_hash(s.id for s in shard)}"),
                                 threads)
                     for shard in shards]
@@ -362,16 +356,16 @@ def baseline_metrics_distributed(model: str, samples: Sequence[QASample], *,
                 if progress:
                     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                     finished.update(ready)
-                    progress("shards", len(finished), len(refs))
+                    progress("shards", len(finished), len(refs), "")
 
             parts = _wait(ray, refs, poll, "baselines")
         merged = pd.concat(parts)
         for name in merged.columns:
             table[name] = merged[name].reindex(ids)
-    if "random" in metrics:
-        table["random"] = random_scores(samples, seed)
+    if "random" in settings.metrics:
+        table["random"] = random_scores(samples, settings.seed)
     return table
 
 
 def _ids_hash(ids) -> str:
-    return hashlib.sha256("\x1f".join(ids).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]

@@ -12,10 +12,9 @@ import hashlib
 import json
 import os
 import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
 import torch
@@ -24,12 +23,12 @@ from cud.data.encoding import EncodedSample, encode_samples
 from cud.data.samples import QASample
 from cud.errors import ConfigError, ModelError, StoreError
 from cud.models.loading import BUNDLED, LoadedModel, load_model, prepare
+from cud.models.answers import answer_nll, teacher_forced_outcomes
+from cud.progress import Progress
 from cud.unlearning.loop import TrainConfig, TrainLog, train
-from cud.unlearning.outcomes import teacher_forced_outcomes
-from cud.unlearning.scoring import answer_nll
 
-#: bump when the meaning of a cached folder changes
-CACHE_VERSION = 1
+#: bump when the meaning of a cached folder changes (2: flat settings)
+CACHE_VERSION = 2
 META_FILE = "cud_finetune.json"
 
 
@@ -39,18 +38,29 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "cud") / "finetuned"
 
 
-def default_train_config() -> TrainConfig:
-    """Settings that teach SmolLM2-135M the default built-in set (100 facts) to >= 90% exact
-    memorisation in a few minutes on 2 CPU cores (measured; see the project's notes)."""
-    return TrainConfig(lr=3e-4, epochs=6, batch_size=10, grad_accum=1, warmup=0.1,
-                       schedule="linear", weight_decay=0.0, max_grad_norm=1.0, seed=0)
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How a model is taught a QA set (`cud finetune`, ``[finetune]`` of `cud run`). The defaults
+    teach SmolLM2-135M the default built-in set (100 facts) to >= 90% exact memorisation in a few
+    minutes on 2 CPU cores (measured; see the project's notes).
 
+    ``enabled`` and ``cache_dir`` say whether and where (`cud run` only; the cache defaults to
+    ``$CUD_CACHE/finetuned`` or ``~/.cache/cud/finetuned``); every other field decides the
+    weights and so the cache key. ``bf16``: matrix products in bfloat16 (autocast; the weights,
+    the optimiser and the loss stay float32); None: on a GPU only.
+    """
 
-@dataclass
-class FinetuneConfig:
-    """What to train: LoRA or full fine-tuning, and the optimisation settings."""
-
-    train: TrainConfig = field(default_factory=default_train_config)
+    enabled: bool = True
+    lr: float = 3e-4
+    epochs: float = 6
+    batch_size: int = 10
+    grad_accum: int = 1
+    warmup: float = 0.1
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    bf16: bool | None = None
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -58,13 +68,25 @@ class FinetuneConfig:
     #: also teach the end-of-sequence token after each answer, so greedy answers stop there
     #: (as a TOFU model's do) instead of running on into the next words
     teach_end: bool = True
+    cache_dir: str | None = None
 
-    def to_dict(self) -> dict:
+    def __post_init__(self):
+        self.train_config().validate()
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
+                           grad_accum=self.grad_accum, warmup=self.warmup,
+                           schedule=self.schedule, weight_decay=self.weight_decay,
+                           max_grad_norm=self.max_grad_norm, seed=self.seed, bf16=self.bf16)
+
+    def key_dict(self) -> dict:
+        """The settings that decide the fine-tuned weights (the cache key's part)."""
         d = asdict(self)
+        for k in ("enabled", "cache_dir"):
+            d.pop(k)
         if not self.lora:  # LoRA's own settings do not change a full fine-tune
             for k in ("lora_r", "lora_alpha", "lora_target"):
                 d.pop(k)
-        d["train"].pop("eval_every", None)  # evaluation does not change the weights
         return d
 
 
@@ -96,11 +118,11 @@ def model_identity(spec: str) -> str:
     return f"name:{spec}"
 
 
-def cache_key(model: str, samples: Sequence[QASample], config: FinetuneConfig) -> str:
+def cache_key(model: str, samples: Sequence[QASample], settings: FinetuneSettings) -> str:
     """sha256 over the model's identity, every sample's (id, question, answer) and the settings."""
     h = hashlib.sha256()
     h.update(json.dumps({"version": CACHE_VERSION, "model": model_identity(model),
-                         "config": config.to_dict()}, sort_keys=True).encode())
+                         "config": settings.key_dict()}, sort_keys=True).encode())
     for s in samples:
         h.update(json.dumps([s.id, s.question, s.answer]).encode())
     return h.hexdigest()
@@ -141,32 +163,29 @@ def _nll_objective(model, batch, _retain):
 
 
 def teach(model: torch.nn.Module, encoded: Sequence[EncodedSample], config: TrainConfig, *,
-          pad_token_id: int, progress: Callable[[int, int, dict], None] | None = None
-          ) -> TrainLog:
+          pad_token_id: int, progress: Progress | None = None) -> TrainLog:
     """Minimise the answer NLL of ``encoded`` in place (no cache, no saving): the training part
     of :func:`finetune`, for models already in memory (e.g. tiny test models)."""
     return train(model, _nll_objective, encoded, None, config, pad_token_id=pad_token_id,
                  parameters=[p for p in model.parameters() if p.requires_grad],
-                 progress=progress)
+                 progress=progress, task="fine-tuning")
 
 
-def finetune(model: str, samples: Sequence[QASample], *, config: FinetuneConfig | None = None,
-             cache_dir: str | Path | None = None, device: str | None = None,
+def finetune(model: str, samples: Sequence[QASample],
+             settings: FinetuneSettings = FinetuneSettings(), *, device: str | None = None,
              dtype: str | torch.dtype | None = None, force: bool = False,
-             keep_model: bool = True,
-             progress: Callable[[int, int, dict], None] | None = None) -> FinetuneResult:
+             keep_model: bool = True, progress: Progress | None = None) -> FinetuneResult:
     """Fine-tune ``model`` (a spec :func:`cud.models.load_model` accepts) on ``samples``.
 
     Returns the cached folder when this (model, data, settings) was trained before, unless
     ``force``. The folder holds the model, its tokenizer, ``cud_finetune.json`` (settings and
     memorisation report) and ``memorisation.parquet`` / ``.csv`` (per sample).
-    ``progress(step, total, logs)`` is called after each optimizer step.
+    ``progress`` (task ``fine-tuning``) is called after each optimizer step.
     """
-    config = config or FinetuneConfig()
     if not samples:
         raise ConfigError("fine-tuning needs at least one sample")
-    key = cache_key(model, samples, config)
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = cache_key(model, samples, settings)
+    folder = Path(settings.cache_dir) if settings.cache_dir is not None else default_cache_dir()
     path = folder / key[:16]
     meta_path = path / META_FILE
     if meta_path.is_file() and not force:
@@ -183,26 +202,27 @@ def finetune(model: str, samples: Sequence[QASample], *, config: FinetuneConfig 
     before = memorisation_summary(teacher_forced_outcomes(lm, samples))
     encoded = encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
     eos = getattr(lm.tokenizer, "eos_token_id", None)
-    if config.teach_end and eos is not None:
+    if settings.teach_end and eos is not None:
         encoded = [with_end_token(e, int(eos)) for e in encoded]
     net = lm.model
-    if config.lora:
+    if settings.lora:
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:  # pragma: no cover - peft is a dependency
             raise ConfigError("LoRA fine-tuning needs the 'peft' package") from None
-        target = config.lora_target if config.lora_target == "all-linear" \
-            else [t.strip() for t in config.lora_target.split(",")]
-        net = get_peft_model(net, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+        target = settings.lora_target if settings.lora_target == "all-linear" \
+            else [t.strip() for t in settings.lora_target.split(",")]
+        net = get_peft_model(net, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
                                              lora_dropout=0.0, target_modules=target,
                                              task_type="CAUSAL_LM"))
 
-    log = teach(net, encoded, config.train, pad_token_id=lm.pad_token_id, progress=progress)
-    if config.lora:
+    log = teach(net, encoded, settings.train_config(), pad_token_id=lm.pad_token_id,
+                progress=progress)
+    if settings.lora:
         net = net.merge_and_unload()
     lm = prepare(net, lm.tokenizer, name=str(path))
     table = teacher_forced_outcomes(lm, samples)
-    report = {"model": model, "samples": len(samples), "config": config.to_dict(),
+    report = {"model": model, "samples": len(samples), "config": settings.key_dict(),
               "train_seconds": round(log.seconds, 2), "steps": log.total_steps,
               "final_loss": log.steps[-1]["loss"] if log.steps else None,
               "before": before, "after": memorisation_summary(table)}

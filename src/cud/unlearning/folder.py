@@ -1,6 +1,8 @@
-"""Unlearning runs written to a folder, one sub-folder per method (the layout `cud unlearn`
-writes and :func:`cud.difficulty.groundtruth.read_outcomes` reads)::
+"""The unlearning stage (`cud unlearn`, the unlearning stage of `cud run`): every method on one
+forget set, written to a folder, one sub-folder per method (the layout
+:func:`cud.difficulty.groundtruth.read_outcomes` reads)::
 
+    unlearning.json                which model and which forget / retain sets the folder is for
     before.parquet/.csv            forget-set outcomes of the model before unlearning
     <method>/outcomes.parquet/.csv per-sample deltas and steps to forget
     <method>/after.parquet/.csv    forget-set outcomes after unlearning
@@ -8,99 +10,148 @@ writes and :func:`cud.difficulty.groundtruth.read_outcomes` reads)::
     <method>/settings.json         the method's settings, training time, retain NLL change, utility
     agreement_nll_delta.csv        Spearman agreement of the methods' NLL increases
 
-A method whose ``settings.json`` and ``outcomes.parquet`` exist with the same requested settings
-is not run again.
+Resumable like a circuits folder: ``unlearning.json`` holds the model's fingerprint and hashes
+of the forget and retain sets, and each method's ``settings.json`` the request it ran; a method
+already run with the same request is read back, not run again, and a folder of another model,
+other data or other settings of a method is refused with the settings that differ (never
+mixed). The evaluation before unlearning is shared by every method.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
 
+from cud.data.general import general_knowledge
 from cud.data.samples import QASample
+from cud.errors import ConfigError, StoreError
+from cud.models.fingerprint import model_fingerprint
 from cud.models.loading import LoadedModel
-from cud.unlearning.general import general_knowledge
-from cud.unlearning.outcomes import evaluate_outcomes, model_utility, save_table
-from cud.unlearning.presets import preset as get_preset
+from cud.progress import Progress
+from cud.unlearning.hyperparameters import DEFAULT_TABLE, TABLES, hyperparameters
+from cud.unlearning.methods import METHODS
+from cud.unlearning.outcomes import evaluate_outcomes, model_utility, save_outcomes
 from cud.unlearning.run import DEFAULT_FORGET_THRESHOLD, spread, unlearn
 
-Progress = Callable[[str, int, int, dict], None]
+MANIFEST = "unlearning.json"
+FORMAT_VERSION = 1
 
 
-def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASample],
-                      methods: Sequence[str], out: str | Path, *, preset: str = "quick",
-                      train_changes: dict | None = None, eval_every: int | None = None,
-                      threshold: float = DEFAULT_FORGET_THRESHOLD, utility: bool = True,
-                      progress: Progress | None = None) -> pd.DataFrame:
-    """Run each method on a copy of ``lm`` and write its outcomes under ``out``. Returns one
-    summary row per method (NLL-increase quartiles, share forgotten, retain NLL change, time)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    before_path = out / "before.parquet"
-    ids = [s.id for s in forget]
-    before = None
-    if before_path.exists():
-        before = _read(before_path)
-        if sorted(before.index) != sorted(ids):
-            before = None
-    if before is None:
-        before = evaluate_outcomes(lm, forget)
-        save_table(before, out / "before")
-    rows, deltas = [], {}
-    for name in methods:
-        hp, train = get_preset(name, preset)
-        train = replace(train, **(train_changes or {}))
-        request = {"method": name, "preset": preset, "train": {k: v for k, v in
-                                                               (train_changes or {}).items()},
-                   "eval_every": eval_every, "threshold": threshold, "n_forget": len(forget),
-                   "forget_ids_hash": hash_ids(ids), "model": lm.name}
-        mdir = out / name
-        settings_path = mdir / "settings.json"
-        if settings_path.exists() and (mdir / "outcomes.parquet").exists():
-            stored = json.loads(settings_path.read_text())
-            if stored.get("request") == request:
-                table = _read(mdir / "outcomes.parquet")
-                after = _read(mdir / "after.parquet")
-                deltas[name] = table["nll_delta"]
-                rows.append(_summary(name, table, after, stored, threshold, reused=True))
-                continue
-        mdir.mkdir(exist_ok=True)
-        traj = mdir / "trajectory.csv"
-        traj.unlink(missing_ok=True)
+@dataclass(frozen=True)
+class UnlearningSettings:
+    """What the unlearning stage runs. ``hyperparameters`` names a table of
+    :mod:`cud.unlearning.hyperparameters`; ``params`` (method hyperparameters, e.g.
+    ``{"alpha": 2}``) and the training fields set to a value override it for every method
+    (a parameter a method does not have is ignored for that method). ``utility``: also measure
+    model utility (retain set and general knowledge) after each method. ``save_model``: keep
+    each unlearned model in the folder (does not change the results)."""
 
-        def sink(frame, path=traj):
-            frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+    methods: tuple[str, ...] = ("graddiff", "npo")
+    hyperparameters: str = DEFAULT_TABLE
+    params: dict = field(default_factory=dict)
+    lr: float | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    bf16: bool | None = None
+    eval_every: int | None = None
+    threshold: float = DEFAULT_FORGET_THRESHOLD
+    utility: bool = True
+    seed: int = 0
+    save_model: bool = False
 
-        result = unlearn(lm, forget, retain, method=name, preset_name=preset,
-                         hyperparameters=hp, train_config=train, eval_every=eval_every,
-                         forget_threshold=threshold, before=before, evaluate_retain=bool(retain),
-                         trajectory_sink=sink,
-                         progress=(lambda s, t, row, n=name: progress(n, s, t, row))
-                         if progress else None)
-        table = result.per_sample()
-        save_table(table, mdir / "outcomes")
-        save_table(result.after, mdir / "after")
-        settings = dict(result.settings, train_seconds=round(result.log.seconds, 2),
-                        model=lm.name, request=request)
-        if result.retain_after is not None:
-            settings["retain_nll_delta_mean"] = float(
-                (result.retain_after["nll"] - result.retain_before["nll"]).mean())
-        if utility:
-            sets = {"general": general_knowledge()}
-            if retain:
-                sets["retain"] = list(retain)
-            settings["utility"] = model_utility(result.model, sets)
-        settings_path.write_text(json.dumps(settings, indent=1, default=str) + "\n")
-        deltas[name] = table["nll_delta"]
-        rows.append(_summary(name, table, result.after, settings, threshold, reused=False))
-        del result
-    if len(deltas) > 1:
-        pd.DataFrame(deltas).corr(method="spearman").to_csv(out / "agreement_nll_delta.csv")
-    return pd.DataFrame(rows)
+    def __post_init__(self):
+        if not self.methods:
+            raise ConfigError("unlearning.methods: give at least one method")
+        for m in self.methods:
+            if m not in METHODS:
+                raise ConfigError(f"unknown unlearning method '{m}' (choose from "
+                                  f"{', '.join(METHODS)})")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"unlearning.methods lists a method twice: {list(self.methods)}")
+        if self.hyperparameters not in TABLES:
+            raise ConfigError(f"unknown hyperparameter table '{self.hyperparameters}' "
+                              f"(choose from {', '.join(TABLES)})")
+        for key, value in self.params.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+                raise ConfigError(f"unlearning.params.{key}: expected a number, got {value!r}")
+        for m in self.methods:
+            self.train_config(m).validate()
+
+    def method_hyperparameters(self, method: str) -> dict:
+        hyper, _ = hyperparameters(method, self.hyperparameters)
+        known = {f for f in METHODS[method].__dataclass_fields__}
+        return {**hyper, **{k: v for k, v in self.params.items() if k in known}}
+
+    def train_config(self, method: str):
+        _, train = hyperparameters(method, self.hyperparameters)
+        changes = {k: v for k, v in dict(lr=self.lr, epochs=self.epochs,
+                                         max_steps=self.max_steps, batch_size=self.batch_size,
+                                         grad_accum=self.grad_accum, bf16=self.bf16,
+                                         eval_every=self.eval_every).items() if v is not None}
+        return replace(train, seed=self.seed, **changes)
+
+    def request(self, method: str) -> dict:
+        """Everything that decides one method's outcomes (compared on resume)."""
+        return {"method": method, "table": self.hyperparameters,
+                "hyperparameters": self.method_hyperparameters(method),
+                "train": self.train_config(method).to_dict(), "threshold": self.threshold,
+                "utility": self.utility}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def samples_hash(samples: Sequence[QASample]) -> str:
+    """Identifies a set of samples: ids, questions and answers, in order."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.id, s.question, s.answer]).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class UnlearningRun:
+    """What :func:`unlearn_to_folder` did: one summary row per method (NLL-increase quartiles,
+    share forgotten, retain NLL change, training time, reused or run), the per-sample NLL
+    increase of every method, and their Spearman agreement (None with one method)."""
+
+    root: Path
+    summary: pd.DataFrame
+    deltas: pd.DataFrame
+    agreement: pd.DataFrame | None
+
+
+def _open(root: Path, lm: LoadedModel, forget, retain) -> None:
+    """Create the folder's manifest or check that it describes this model and these sets."""
+    manifest = {"kind": "cud-unlearning", "format_version": FORMAT_VERSION, "model": lm.name,
+                "model_fingerprint": model_fingerprint(lm), "forget": samples_hash(forget),
+                "n_forget": len(forget), "retain": samples_hash(retain),
+                "n_retain": len(retain)}
+    path = root / MANIFEST
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
+        if old.get("kind") != "cud-unlearning" or old.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{path}: not a cud unlearning folder of format {FORMAT_VERSION}")
+        differ = [k for k in ("model_fingerprint", "forget", "retain") if old.get(k) != manifest[k]]
+        if differ:
+            what = {"model_fingerprint": "another model", "forget": "another forget set",
+                    "retain": "another retain set"}
+            raise StoreError(f"{root}: holds unlearning results of "
+                             f"{', '.join(what[k] for k in differ)}; use another --out folder "
+                             f"so old and new results do not mix")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -108,14 +159,85 @@ def _read(path: Path) -> pd.DataFrame:
     return table.set_index("id") if "id" in table.columns else table
 
 
-def hash_ids(ids: Sequence[str]) -> str:
-    import hashlib
-    return hashlib.sha256("\x1f".join(sorted(ids)).encode()).hexdigest()[:16]
+def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASample],
+                      out: str | Path, settings: UnlearningSettings = UnlearningSettings(), *,
+                      progress: Progress | None = None) -> UnlearningRun:
+    """Run each method of ``settings`` on a copy of ``lm`` and write its outcomes under ``out``
+    (created, or resumed: see the module docstring)."""
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"{root}: output path exists and is not a folder")
+    forget, retain = list(forget), list(retain)
+    _open(root, lm, forget, retain)
+    before_path = root / "before.parquet"
+    if before_path.exists():
+        before = _read(before_path)
+    else:
+        before = evaluate_outcomes(lm, forget, progress=progress)
+        save_outcomes(before, root / "before")
+    rows, deltas = [], {}
+    for name in settings.methods:
+        table, after, stored, reused = _method(lm, forget, retain, root / name, name, settings,
+                                               before, progress)
+        deltas[name] = table["nll_delta"]
+        rows.append(_summary(name, table, after, stored, settings.threshold, reused))
+    deltas = pd.DataFrame(deltas)
+    agreement = None
+    if len(settings.methods) > 1:
+        agreement = deltas.corr(method="spearman")
+        agreement.to_csv(root / "agreement_nll_delta.csv")
+    return UnlearningRun(root, pd.DataFrame(rows), deltas, agreement)
 
 
-def _summary(name, table, after, settings, threshold, reused) -> dict:
+def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSettings,
+            before: pd.DataFrame, progress):
+    """One method's outcomes: read back when this request already ran, else run."""
+    request = settings.request(name)
+    settings_path = folder / "settings.json"
+    if settings_path.exists() and (folder / "outcomes.parquet").exists():
+        stored = json.loads(settings_path.read_text())
+        if stored.get("request") != request:
+            old = stored.get("request", {})
+            differ = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
+            raise StoreError(f"{folder}: holds {name} results of other settings (differs in: "
+                             f"{', '.join(differ)}); use another --out folder so old and new "
+                             f"results do not mix")
+        return _read(folder / "outcomes.parquet"), _read(folder / "after.parquet"), stored, True
+    folder.mkdir(parents=True, exist_ok=True)
+    traj = folder / "trajectory.csv"
+    traj.unlink(missing_ok=True)
+
+    def sink(frame, path=traj):
+        frame.to_csv(path, mode="a", header=not path.exists(), index=False)
+
+    result = unlearn(lm, forget, retain, method=name, hyperparameter_table=settings.hyperparameters,
+                     hyperparameters=settings.method_hyperparameters(name),
+                     train_config=settings.train_config(name), eval_every=settings.eval_every,
+                     forget_threshold=settings.threshold, before=before,
+                     evaluate_retain=bool(retain), trajectory_sink=sink, progress=progress)
+    table = result.per_sample()
+    save_outcomes(table, folder / "outcomes")
+    save_outcomes(result.after, folder / "after")
+    stored = dict(result.settings, train_seconds=round(result.log.seconds, 2), model=lm.name,
+                  request=request)
+    if result.retain_after is not None:
+        stored["retain_nll_delta_mean"] = float(
+            (result.retain_after["nll"] - result.retain_before["nll"]).mean())
+    if settings.utility:
+        sets = {"general": general_knowledge()}
+        if retain:
+            sets["retain"] = retain
+        stored["utility"] = model_utility(result.model, sets)
+    if settings.save_model:
+        from cud.unlearning.finetune import save_hf_folder
+        save_hf_folder(result.model.model, result.model.tokenizer, folder / "model")
+    settings_path.write_text(json.dumps(stored, indent=1, default=str) + "\n")
+    return table, result.after, stored, False
+
+
+def _summary(name, table, after, stored, threshold, reused) -> dict:
     s = spread(table["nll_delta"])
     return {"method": name, **{k: s[k] for k in ("min", "q1", "median", "q3", "max")},
             "forgotten": float((after["prob"] < threshold).mean()),
-            "retain_nll_delta": settings.get("retain_nll_delta_mean"),
-            "train_seconds": settings.get("train_seconds"), "reused": reused}
+            "retain_nll_delta": stored.get("retain_nll_delta_mean"),
+            "train_seconds": stored.get("train_seconds"), "reused": reused}

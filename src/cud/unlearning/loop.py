@@ -20,6 +20,7 @@ import torch
 
 from cud.data.encoding import Batch, EncodedSample, collate
 from cud.errors import ConfigError
+from cud.progress import Progress
 
 #: (model, forget micro-batch, retain micro-batch or None) -> (loss to minimise, numbers to log)
 Objective = Callable[[torch.nn.Module, Batch, "Batch | None"], "tuple[torch.Tensor, dict]"]
@@ -112,11 +113,11 @@ def train(model: torch.nn.Module, objective: Objective, forget: Sequence[Encoded
           retain: Sequence[EncodedSample] | None, config: TrainConfig, *, pad_token_id: int,
           parameters: Sequence[torch.nn.Parameter] | None = None,
           evaluate: Callable[[int], None] | None = None,
-          progress: Callable[[int, int, dict], None] | None = None) -> TrainLog:
+          progress: Progress | None = None, task: str = "training") -> TrainLog:
     """Minimise ``objective`` over micro-batches of ``forget`` (with ``retain`` alongside).
 
     Only ``parameters`` move (default: every parameter); the others are frozen for the run and
-    unfrozen after. ``progress(step, total, logs)`` is called after each optimizer step.
+    unfrozen after. ``progress`` (``task``) is called after each optimizer step with the loss.
     Leaves the model in eval mode.
     """
     config.validate()
@@ -182,7 +183,7 @@ def train(model: torch.nn.Module, objective: Objective, forget: Sequence[Encoded
                    **logs_sum}
             log.steps.append(row)
             if progress is not None:
-                progress(step + 1, total, row)
+                progress(task, step + 1, total, f"loss {loss_sum:.3f}")
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total:
                 run_eval(step + 1)
                 model.train()

@@ -2,7 +2,9 @@
 
 Every metric is returned per sample, keyed by sample id, and has a named direction in
 :data:`METRICS` (which way means "more forgotten"). Tables are pandas DataFrames indexed by ``id``
-and are written as Parquet and CSV by :func:`save_table`.
+and are written as Parquet and CSV, with a ``.metrics.json`` naming each column's direction, by
+:func:`save_outcomes`. (The teacher-forced metrics themselves are model-level helpers,
+:func:`cud.models.answers.teacher_forced_outcomes`.)
 
 Teacher-forced metrics (NLL, probability, exact memorisation, extraction strength) come from one
 forward pass per batch. ROUGE-L needs greedy generation; the truth ratio one forward pass per
@@ -13,21 +15,22 @@ from __future__ import annotations
 
 import json
 import math
-import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cud.data.encoding import batches, encode_samples
+from cud.data.encoding import encode_samples
+from cud.data.prepare import has_perturbations
 from cud.data.samples import QASample
+from cud.errors import ConfigError
+from cud.models.answers import teacher_forced_outcomes
 from cud.models.loading import LoadedModel
-from cud.unlearning.scoring import answer_logits
-
-Progress = Callable[[int, int], None]
+from cud.progress import Progress, within
+from cud.tables import save_table
 
 
 @dataclass(frozen=True)
@@ -64,50 +67,6 @@ TEACHER_FORCED = ("nll", "prob", "exact_mem", "extraction_strength")
 ALL_METRICS = tuple(METRICS)
 
 
-def _max_length(lm: LoadedModel) -> int | None:
-    return getattr(lm.adapter, "max_positions", None)
-
-
-# --- teacher-forced metrics ---------------------------------------------------------------------
-
-@torch.no_grad()
-def teacher_forced_outcomes(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: int = 16,
-                            progress: Progress | None = None) -> pd.DataFrame:
-    """nll, prob, exact_mem, extraction_strength and n_answer_tokens per sample (index ``id``).
-
-    Extraction strength uses that greedy decoding from a prefix reproduces the rest of the answer
-    exactly when every later answer token is the teacher-forced argmax: k is one past the last
-    answer token that is not the argmax (0 when all are), so one forward pass suffices.
-    """
-    model = lm.model
-    encoded = encode_samples(lm.tokenizer, samples, max_length=_max_length(lm))
-    rows: dict[str, dict] = {}
-    done = 0
-    for batch in batches(encoded, batch_size, lm.pad_token_id):
-        out = answer_logits(model, batch.to(lm.device))
-        nll = -out.per_sample_mean(out.token_logprobs())
-        correct = out.correct()
-        exact = out.per_sample_mean(correct.float())
-        for i, sid in enumerate(batch.ids):
-            c = correct[out.rows == i].cpu().numpy()
-            wrong = np.flatnonzero(~c)
-            k = int(wrong[-1]) + 1 if len(wrong) else 0
-            rows[sid] = {"nll": float(nll[i]), "prob": math.exp(-float(nll[i])),
-                         "exact_mem": float(exact[i]),
-                         "extraction_strength": 1.0 - k / len(c),
-                         "n_answer_tokens": len(c)}
-        done += len(batch)
-        if progress:
-            progress(done, len(encoded))
-    return _frame(rows, [s.id for s in samples])
-
-
-def _frame(rows: dict[str, dict], order: Iterable[str]) -> pd.DataFrame:
-    df = pd.DataFrame.from_dict(rows, orient="index").loc[list(order)]
-    df.index.name = "id"
-    return df
-
-
 # --- greedy answers and ROUGE-L -----------------------------------------------------------------
 
 @torch.no_grad()
@@ -119,7 +78,7 @@ def greedy_answers(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: 
     ``max_new_tokens`` defaults to twice the longest true answer in the batch plus 8 tokens.
     """
     model, tok = lm.model, lm.tokenizer
-    encoded = encode_samples(tok, samples, max_length=_max_length(lm))
+    encoded = encode_samples(tok, samples, max_length=lm.adapter.max_positions)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad = lm.pad_token_id
     eos = [t for t in {getattr(tok, "eos_token_id", None),
@@ -144,8 +103,7 @@ def greedy_answers(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: 
                              temperature=None, top_p=None, top_k=None)
         for e, row in zip(chunk, out[:, width:].tolist()):
             answers[e.id] = tok.decode(row, skip_special_tokens=True).strip()
-        if progress:
-            progress(min(start + batch_size, len(order)), len(order))
+        within(progress, "greedy answers")(min(start + batch_size, len(order)), len(order))
     return {s.id: answers[s.id] for s in samples}
 
 
@@ -162,43 +120,6 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
 
 
 # --- truth ratio and forget quality -------------------------------------------------------------
-
-def add_perturbed_answers(samples: Sequence[QASample], n: int = 3, *, seed: int = 0,
-                          group: Callable[[QASample], str] | None = None) -> list[QASample]:
-    """Give samples without TOFU's ``perturbed_answer`` field ``n`` wrong answers of the same kind.
-
-    Wrong answers are other samples' answers from the same group (default: the part of the id
-    after the last '.', i.e. the attribute of a built-in fact, so a birth year gets other birth
-    years), topped up from any other answers when a group is too small. ``paraphrased_answer``
-    defaults to the answer itself. Samples that already have perturbed answers are kept as they are.
-    """
-    rng = random.Random(seed)
-    key = group or (lambda s: s.id.rsplit(".", 1)[-1] if "." in s.id else "")
-    by_group: dict[str, list[str]] = {}
-    for s in samples:
-        by_group.setdefault(key(s), []).append(s.answer)
-    everything = sorted({s.answer for s in samples})
-    out = []
-    for s in samples:
-        if s.extra.get("perturbed_answer"):
-            out.append(s)
-            continue
-        pool = sorted({a for a in by_group[key(s)] if a != s.answer})
-        rng.shuffle(pool)
-        if len(pool) < n:
-            rest = [a for a in everything if a != s.answer and a not in pool]
-            rng.shuffle(rest)
-            pool += rest[:n - len(pool)]
-        extra = dict(s.extra, perturbed_answer=pool[:n])
-        extra.setdefault("paraphrased_answer", s.answer)
-        out.append(replace(s, extra=extra))
-    return out
-
-
-def has_perturbations(sample: QASample) -> bool:
-    pert = sample.extra.get("perturbed_answer")
-    return bool(pert) and (isinstance(pert, str) or all(isinstance(p, str) for p in pert))
-
 
 @torch.no_grad()
 def truth_ratios(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: int = 16,
@@ -226,7 +147,8 @@ def truth_ratios(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: in
                        name="truth_ratio")
     if not variants:
         return result
-    nll = teacher_forced_outcomes(lm, variants, batch_size=batch_size, progress=progress)["nll"]
+    nll = teacher_forced_outcomes(lm, variants, batch_size=batch_size, progress=progress,
+                                  task="truth ratio")["nll"]
     para_nll: dict[str, float] = {}
     pert_nll: dict[str, list[float]] = {}
     for (sid, kind), value in zip(owners, nll.to_numpy()):
@@ -268,7 +190,6 @@ def evaluate_outcomes(lm: LoadedModel, samples: Sequence[QASample], *,
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        from cud.errors import ConfigError
         raise ConfigError(f"unknown outcome metric(s) {', '.join(unknown)} "
                           f"(choose from {', '.join(METRICS)})")
     model = lm.model
@@ -279,11 +200,12 @@ def evaluate_outcomes(lm: LoadedModel, samples: Sequence[QASample], *,
         df = df[[m for m in TEACHER_FORCED if m in metrics] + ["n_answer_tokens"]]
         if "rougeL_recall" in metrics:
             greedy = greedy_answers(lm, samples, batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens)
+                                    max_new_tokens=max_new_tokens, progress=progress)
             df["rougeL_recall"] = [rouge_l_recall(greedy[s.id], s.answer) for s in samples]
             df["greedy_answer"] = [greedy[s.id] for s in samples]
         if "truth_ratio" in metrics:
-            df["truth_ratio"] = truth_ratios(lm, samples, batch_size=batch_size)
+            df["truth_ratio"] = truth_ratios(lm, samples, batch_size=batch_size,
+                                             progress=progress)
     finally:
         model.train(was_training)
     return df
@@ -336,20 +258,14 @@ def model_utility(lm: LoadedModel, sets: dict[str, Sequence[QASample]], *, batch
     return parts
 
 
-def save_table(df: pd.DataFrame, path: str | Path) -> tuple[Path, Path]:
-    """Write ``df`` as ``<path>.parquet`` and ``<path>.csv`` (index ``id`` as a column), plus
-    ``<path>.metrics.json`` naming each metric column's direction. Returns the two table paths."""
-    path = Path(path)
-    if path.suffix in (".parquet", ".csv"):
-        path = path.with_suffix("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parquet, csv = path.with_suffix(".parquet"), path.with_suffix(".csv")
-    df.to_parquet(parquet)
-    df.to_csv(csv)
+def save_outcomes(df: pd.DataFrame, path: str | Path) -> tuple[Path, Path]:
+    """Write an outcome table as ``<path>.parquet`` and ``<path>.csv`` (:func:`cud.tables.save_table`)
+    plus ``<path>.metrics.json`` naming each metric column's direction."""
+    parquet, csv = save_table(df, path, index=True)
     directions = {}
     for col in df.columns:
         base = col.rsplit("_", 1)[0] if col.endswith(("_before", "_after", "_delta")) else col
         if base in METRICS:
             directions[col] = METRICS[base].direction
-    path.with_suffix(".metrics.json").write_text(json.dumps(directions, indent=1) + "\n")
+    parquet.with_suffix(".metrics.json").write_text(json.dumps(directions, indent=1) + "\n")
     return parquet, csv

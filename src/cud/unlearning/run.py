@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,8 +22,10 @@ from cud.models.loading import LoadedModel, prepare
 from cud.unlearning.loop import TrainConfig, TrainLog, train
 from cud.unlearning.methods import UnlearningMethod, make_method
 from cud.unlearning.outcomes import ALL_METRICS, evaluate_outcomes, outcome_deltas
-from cud.unlearning.presets import DEFAULT_PRESET, preset
-from cud.unlearning.scoring import answer_logits
+from cud.unlearning.hyperparameters import DEFAULT_TABLE
+from cud.unlearning.hyperparameters import hyperparameters as table_of
+from cud.models.answers import answer_logits
+from cud.progress import Progress
 
 #: a sample counts as forgotten once its normalised answer probability falls below this (ours)
 DEFAULT_FORGET_THRESHOLD = 0.1
@@ -55,25 +55,6 @@ class UnlearningResult:
         return out
 
 
-def split_forget_retain(samples: Sequence[QASample], forget_fraction: float = 0.5, *,
-                        seed: int = 0, group: Callable[[QASample], str] | None = None
-                        ) -> tuple[list[QASample], list[QASample]]:
-    """Split by group (default: the id's part before the first '.', i.e. the author of a built-in
-    fact, so that all facts of an author fall on one side, as in TOFU's forget splits)."""
-    if not 0 < forget_fraction < 1:
-        raise ConfigError(f"forget fraction must be in (0, 1), got {forget_fraction}")
-    key = group or (lambda s: s.id.split(".", 1)[0])
-    groups = sorted({key(s) for s in samples})
-    random.Random(seed).shuffle(groups)
-    n_forget_groups = max(1, round(len(groups) * forget_fraction))
-    if n_forget_groups >= len(groups):
-        raise ConfigError("the split leaves no retain samples; lower the forget fraction")
-    chosen = set(groups[:n_forget_groups])
-    forget = [s for s in samples if key(s) in chosen]
-    retain = [s for s in samples if key(s) not in chosen]
-    return forget, retain
-
-
 def forget_set_nll(lm: LoadedModel, samples: Sequence[QASample], batch_size: int = 16
                    ) -> dict[str, float]:
     """Per-sample answer NLL (no gradient); the cheap quantity tracked along a trajectory."""
@@ -97,21 +78,23 @@ def steps_to_forget(trajectory: pd.DataFrame, threshold: float = DEFAULT_FORGET_
 
 
 def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASample] | None = None,
-            *, method: str | UnlearningMethod = "graddiff", preset_name: str = DEFAULT_PRESET,
+            *, method: str | UnlearningMethod = "graddiff",
+            hyperparameter_table: str = DEFAULT_TABLE,
             hyperparameters: dict | None = None, train_config: TrainConfig | None = None,
             eval_every: int | None = None, metrics: Sequence[str] = ALL_METRICS,
             forget_threshold: float = DEFAULT_FORGET_THRESHOLD, batch_size: int = 16,
             in_place: bool = False, before: pd.DataFrame | None = None,
             evaluate_retain: bool = False,
-            progress: Callable[[int, int, dict], None] | None = None,
+            progress: Progress | None = None,
             trajectory_sink: Callable[[pd.DataFrame], None] | None = None) -> UnlearningResult:
     """Unlearn ``forget`` from ``lm`` and return the unlearned model and per-sample outcomes.
 
     ``method``: a registry name (ga, graddiff, npo, simnpo, rmu, undial) or a built method.
-    Hyperparameters and training settings come from preset ``preset_name`` (``quick`` or
-    ``paper``); ``hyperparameters`` and ``train_config`` override them. ``eval_every`` k: track
-    every forget sample's NLL every k optimizer steps (a trajectory; ``steps_to_forget`` uses it,
-    and without it only the start and the end are known). The original ``lm`` is left untouched
+    Hyperparameters and training settings come from the table ``hyperparameter_table``
+    (:mod:`cud.unlearning.hyperparameters`: ``quick``, ``paper``, ...); ``hyperparameters`` and
+    ``train_config`` override them. ``eval_every`` k: track every forget sample's NLL every k
+    optimizer steps (a trajectory; ``steps_to_forget`` uses it, and without it only the start
+    and the end are known). The original ``lm`` is left untouched
     unless ``in_place``. ``before`` may pass already computed outcomes of ``lm`` on ``forget``.
     ``trajectory_sink`` receives each evaluation's rows as they are made (to write as you go).
     """
@@ -119,9 +102,10 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
         raise ConfigError("the forget set is empty")
     if isinstance(method, UnlearningMethod):
         unlearning = method
-        _, default_train = preset(unlearning.name, preset_name) if unlearning.name else ({}, None)
+        _, default_train = table_of(unlearning.name, hyperparameter_table) \
+            if unlearning.name else ({}, None)
     else:
-        hyper, default_train = preset(method.lower(), preset_name)
+        hyper, default_train = table_of(method.lower(), hyperparameter_table)
         hyper.update(hyperparameters or {})
         unlearning = make_method(method, **hyper)
     config = replace(train_config or default_train or TrainConfig())
@@ -162,7 +146,7 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
         if retain and unlearning.uses_retain else None
     log = train(net, unlearning.loss, enc_f, enc_r, config, pad_token_id=pad,
                 parameters=unlearning.trainable_parameters(net), evaluate=evaluate,
-                progress=progress)
+                progress=progress, task=unlearning.name)
     del reference
     unlearning.reference = None
 
@@ -177,7 +161,7 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
         model=work, method=unlearning, train_config=config, before=before, after=after,
         deltas=outcome_deltas(before, after), trajectory=trajectory, steps_to_forget=stf,
         log=log, retain_before=retain_before, retain_after=retain_after,
-        settings={"method": unlearning.name, "preset": preset_name,
+        settings={"method": unlearning.name, "table": hyperparameter_table,
                   "hyperparameters": unlearning.hyperparameters(), "train": config.to_dict(),
                   "forget_threshold": forget_threshold, "n_forget": len(forget),
                   "n_retain": len(retain or [])})

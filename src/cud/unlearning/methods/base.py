@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from cud.data.encoding import Batch
-from cud.unlearning.scoring import answer_nll
+from cud.models.answers import answer_nll
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cud.unlearning.methods.base import UnlearningMethod
-from cud.unlearning.scoring import answer_nll
+from cud.models.answers import answer_nll
 
 
 def ga_loss(nll_forget):

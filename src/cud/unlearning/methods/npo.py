@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cud.unlearning.methods.base import UnlearningMethod
-from cud.unlearning.scoring import answer_logits
+from cud.models.answers import answer_logits
 
 
 def npo_loss(logp_forget: Tensor, logp_reference: Tensor, beta: float) -> Tensor:

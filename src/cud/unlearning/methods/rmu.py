@@ -13,7 +13,7 @@ from torch import Tensor
 
 from cud.data.encoding import Batch
 from cud.unlearning.methods.base import UnlearningMethod
-from cud.unlearning.scoring import prediction_mask
+from cud.models.answers import prediction_mask
 
 #: the MLP block of decoder layer N in every supported family (llama ``model.layers.N.mlp``,
 #: gpt2 ``transformer.h.N.mlp``, gpt_neox ``gpt_neox.layers.N.mlp``)

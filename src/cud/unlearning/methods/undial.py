@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from cud.unlearning.methods.base import UnlearningMethod
-from cud.unlearning.scoring import answer_logits
+from cud.models.answers import answer_logits
 
 
 def undial_targets(reference_logits: Tensor, targets: Tensor, beta: float) -> Tensor:

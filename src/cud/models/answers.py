@@ -1,4 +1,5 @@
-"""Answer-token scoring shared by fine-tuning, every unlearning loss and every outcome metric.
+"""What a model says about each sample's answer, teacher-forced: the answer-token scoring every
+later stage builds on (fine-tuning and every unlearning loss, outcome metrics, baseline metrics).
 
 Everything reads the answer tokens only (the prompt is masked). Logits at position t predict token
 t+1, so the positions that matter are the *prediction positions*: t such that token t+1 is an
@@ -6,16 +7,26 @@ answer token. Logits are computed only there (``logits_to_keep`` with a boolean 
 model supports it): on a chat-formatted QA sample that is a few positions out of ~50, which saves
 most of the read-out's cost and memory. The result is *packed*: one row per answer token of the
 batch, with the row's sample index, so per-sample sums and means are one ``index_add``.
+
+:func:`teacher_forced_outcomes` turns one such pass per batch into per-sample answer NLL,
+probability, exact memorisation and extraction strength.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
-from cud.data.encoding import Batch
+from cud.data.encoding import Batch, batches, encode_samples
+from cud.data.samples import QASample
+from cud.models.loading import LoadedModel
+from cud.progress import Progress, within
 
 
 def prediction_mask(batch: Batch) -> Tensor:
@@ -105,3 +116,44 @@ def answer_logits(model: torch.nn.Module, batch: Batch, *, output_hidden_states:
 def answer_nll(model: torch.nn.Module, batch: Batch) -> Tensor:
     """(B,) mean answer NLL per sample, differentiable. The loss every method builds on."""
     return answer_logits(model, batch).nll()
+
+
+@torch.no_grad()
+def teacher_forced_outcomes(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: int = 16,
+                            progress: Progress | None = None, task: str = "answers"
+                            ) -> pd.DataFrame:
+    """nll, prob, exact_mem, extraction_strength and n_answer_tokens per sample (index ``id``).
+
+    Extraction strength uses that greedy decoding from a prefix reproduces the rest of the answer
+    exactly when every later answer token is the teacher-forced argmax: k is one past the last
+    answer token that is not the argmax (0 when all are), so one forward pass suffices.
+    """
+    model = lm.model
+    encoded = encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
+    report = within(progress, task)
+    rows: dict[str, dict] = {}
+    done = 0
+    for batch in batches(encoded, batch_size, lm.pad_token_id):
+        out = answer_logits(model, batch.to(lm.device))
+        nll = -out.per_sample_mean(out.token_logprobs())
+        correct = out.correct()
+        exact = out.per_sample_mean(correct.float())
+        for i, sid in enumerate(batch.ids):
+            c = correct[out.rows == i].cpu().numpy()
+            wrong = np.flatnonzero(~c)
+            k = int(wrong[-1]) + 1 if len(wrong) else 0
+            rows[sid] = {"nll": float(nll[i]), "prob": math.exp(-float(nll[i])),
+                         "exact_mem": float(exact[i]),
+                         "extraction_strength": 1.0 - k / len(c),
+                         "n_answer_tokens": len(c)}
+        done += len(batch)
+        report(done, len(encoded))
+    return _frame(rows, [s.id for s in samples])
+
+
+def _frame(rows: dict[str, dict], order: Iterable[str]) -> pd.DataFrame:
+    df = pd.DataFrame.from_dict(rows, orient="index").loc[list(order)]
+    df.index.name = "id"
+    return df
+
+

@@ -1,4 +1,6 @@
-"""Named hyperparameter presets of the unlearning methods.
+"""Named tables of the unlearning methods' hyperparameters (``[unlearning] hyperparameters`` of
+`cud run`, ``--hyperparameters`` of `cud unlearn`). Not to be confused with the presets of a
+whole run (:data:`cud.config.PRESETS`), which pick one of these tables among other things.
 
 ``paper``: the reference setup of METHOD §5 (TOFU forget10, Llama-3.2-1B-Instruct, effective batch
 32 = 8 x 4 accumulation, weight decay 0.01, one warm-up epoch, linear decay).
@@ -16,8 +18,8 @@ from cud.unlearning.loop import TrainConfig
 
 _PAPER_BATCH = dict(batch_size=8, grad_accum=4, weight_decay=0.01, schedule="linear")
 
-#: preset -> method -> (method hyperparameters, training settings)
-PRESETS: dict[str, dict[str, tuple[dict, TrainConfig]]] = {
+#: table -> method -> (method hyperparameters, training settings)
+TABLES: dict[str, dict[str, tuple[dict, TrainConfig]]] = {
     "paper": {
         "ga": ({}, TrainConfig(lr=1e-5, epochs=10, warmup=0.1, **_PAPER_BATCH)),
         "graddiff": ({"alpha": 5.0}, TrainConfig(lr=1e-5, epochs=10, warmup=0.1, **_PAPER_BATCH)),
@@ -34,7 +36,7 @@ PRESETS: dict[str, dict[str, tuple[dict, TrainConfig]]] = {
 
 _QUICK_BATCH = dict(batch_size=8, grad_accum=1, weight_decay=0.01, schedule="constant", warmup=2,
                     epochs=2)
-PRESETS["quick"] = {
+TABLES["quick"] = {
     "ga": ({}, TrainConfig(lr=3e-5, **_QUICK_BATCH)),
     "graddiff": ({"alpha": 1.0}, TrainConfig(lr=3e-5, **_QUICK_BATCH)),
     "npo": ({"beta": 0.5, "alpha": 1.0}, TrainConfig(lr=3e-5, **_QUICK_BATCH)),
@@ -44,16 +46,17 @@ PRESETS["quick"] = {
             TrainConfig(lr=5e-4, **_QUICK_BATCH)),
     "undial": ({"beta": 10.0, "alpha": 2.0}, TrainConfig(lr=1e-4, **_QUICK_BATCH)),
 }
-DEFAULT_PRESET = "quick"
+DEFAULT_TABLE = "quick"
 
 
-def preset(method: str, name: str = DEFAULT_PRESET) -> tuple[dict, TrainConfig]:
-    """(hyperparameters, training settings) of ``method`` under preset ``name`` (copies)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
-    table = PRESETS[name]
+def hyperparameters(method: str, name: str = DEFAULT_TABLE) -> tuple[dict, TrainConfig]:
+    """(hyperparameters, training settings) of ``method`` in table ``name`` (copies)."""
+    if name not in TABLES:
+        raise ConfigError(f"unknown hyperparameter table '{name}' (choose from "
+                          f"{', '.join(TABLES)})")
+    table = TABLES[name]
     if method not in table:
-        raise ConfigError(f"preset '{name}' has no method '{method}' "
+        raise ConfigError(f"hyperparameter table '{name}' has no method '{method}' "
                           f"(choose from {', '.join(table)})")
     hyper, train = table[method]
     return dict(hyper), replace(train)

@@ -10,21 +10,24 @@ Layout of a folder (format version :data:`FORMAT_VERSION`)::
     samples.parquet, samples.csv  the per-sample table of the whole run, written at the end
 
 A shard is committed when its rows file exists: the tensor file is written first, the rows file
-last, each to a temporary name and renamed (atomic on POSIX). A shard's key is derived from its
-sample ids, so recomputing the same batch (after a crash, or by another worker) overwrites it
-rather than duplicating it. A sample whose question or answer changed since it was stored counts
-as not done. Opening a folder written with other settings, or by another format version, raises
-:class:`StoreError` instead of mixing results.
+last, each to a temporary name and renamed (atomic on POSIX; a failed write removes its
+temporary file). A shard's key is a hash of its list of sample ids (unambiguous for any ids),
+so recomputing the same batch (after a crash, or by another worker) overwrites it rather than
+duplicating it. A sample whose question or answer changed since it was stored counts as not
+done. Opening a folder written with other settings, or by another format version, raises
+:class:`StoreError` instead of mixing results; the check and the writing of the manifest hold a
+lock on the folder, so two runs started at once into one folder cannot both claim it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -32,8 +35,10 @@ from torch import Tensor
 
 from cud.circuits.graph import Graph
 from cud.errors import StoreError
+from cud.tables import save_table
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LOCK = ".lock"
 MANIFEST = "manifest.json"
 EDGES = "edges.txt"
 SHARDS = "shards"
@@ -52,11 +57,31 @@ def text_hash(question: str, answer: str) -> str:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"{path.parent}: cannot write {path.name} ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def folder_lock(root: Path) -> Iterator[None]:
+    """An exclusive lock on the folder ``root`` (a ``.lock`` file), held for the block."""
+    import fcntl
+    try:
+        handle = open(root / LOCK, "a")
+    except OSError as e:
+        raise StoreError(f"{root}: cannot lock the folder ({e.strerror or e})") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -103,6 +128,11 @@ class CircuitStore:
         when it holds results of the same settings; refuse it otherwise."""
         root = Path(root)
         _ensure_folder(root)
+        with folder_lock(root):
+            return cls._open_locked(root, settings, graph)
+
+    @classmethod
+    def _open_locked(cls, root: Path, settings: dict, graph: Graph) -> "CircuitStore":
         digest = settings_hash(settings)
         manifest = _read_manifest(root)
         if manifest is not None:
@@ -147,7 +177,7 @@ class CircuitStore:
         ids = list(ids)
         if not (len(ids) == edge_scores.shape[0] == circuits.shape[0] == len(rows)):
             raise ValueError("ids, scores, circuits and rows disagree on the batch size")
-        key = hashlib.sha256("\x1f".join(ids).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
         shards = self.root / SHARDS
         blob = save({"edge_scores": edge_scores.detach().float().cpu().contiguous(),
                      "circuits": circuits.detach().bool().cpu().contiguous()},
@@ -156,8 +186,13 @@ class CircuitStore:
         table = pd.DataFrame([{"id": i, **r, "shard": key, "row": k}
                               for k, (i, r) in enumerate(zip(ids, rows))])
         tmp = shards / f".rows-{key}.parquet.tmp{os.getpid()}"
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, shards / f"rows-{key}.parquet")
+        try:
+            table.to_parquet(tmp, index=False)
+            os.replace(tmp, shards / f"rows-{key}.parquet")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"{shards}: cannot write the rows of a batch ({e.strerror or e})"
+                             ) from None
         return key
 
     def finalize(self, order: Iterable[str] | None = None) -> pd.DataFrame:
@@ -167,10 +202,7 @@ class CircuitStore:
         if order is not None:
             order = list(order)
             rows = rows.set_index("id").reindex(order).dropna(subset=["shard"]).reset_index()
-        tmp = self.root / f".{TABLE}.parquet.tmp"
-        rows.to_parquet(tmp, index=False)
-        os.replace(tmp, self.root / f"{TABLE}.parquet")
-        _atomic_write_text(self.root / f"{TABLE}.csv", rows.to_csv(index=False))
+        save_table(rows, self.root / TABLE, index=False)
         return rows
 
 

@@ -1,4 +1,5 @@
-"""Baseline activations z'_u that a patched edge carries instead of z_u (METHOD §2).
+"""Ablations: the activations z'_u that a patched edge carries instead of z_u (METHOD §2 calls
+them baseline activations; they are also where the integrated-gradients path starts).
 
 - ``zero`` (the reference code): z' = 0.
 - ``mean``: each node's mean output over every real token of a reference set (e.g. the retain
@@ -6,7 +7,8 @@
   position-wise mean would be undefined for the longer ones).
 - ``corrupt``: the node outputs on a corrupted prompt of the same length: every question token is
   replaced by a random non-special token. The random draw is seeded by the sample's id, so a
-  sample gets the same corruption whichever batch it is in.
+  sample gets the same corruption whichever batch it is in. With ``draws`` > 1, the mean node
+  outputs over that many corrupted prompts.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from cud.circuits.runner import ResidualRunner
 from cud.data.encoding import Batch
 from cud.errors import ConfigError
 
-BASELINES = ("zero", "mean", "corrupt")
+ABLATIONS = ("zero", "mean", "corrupt")
 
 
-class BaselineActivations:
+class Ablation:
     """Gives z' for a batch: a tensor broadcastable to (B, T, F, d)."""
 
     name = ""
@@ -33,7 +35,7 @@ class BaselineActivations:
         raise NotImplementedError
 
 
-class ZeroBaseline(BaselineActivations):
+class ZeroAblation(Ablation):
     name = "zero"
 
     def for_batch(self, runner, batch):
@@ -42,14 +44,14 @@ class ZeroBaseline(BaselineActivations):
         return torch.zeros(1, 1, g.n_forward, a.d_model, dtype=p.dtype, device=p.device)
 
 
-class MeanBaseline(BaselineActivations):
+class MeanAblation(Ablation):
     name = "mean"
 
     def __init__(self, mean: Tensor):
         self.mean = mean  # (F, d)
 
     @classmethod
-    def fit(cls, runner: ResidualRunner, reference: Iterable[Batch]) -> "MeanBaseline":
+    def fit(cls, runner: ResidualRunner, reference: Iterable[Batch]) -> "MeanAblation":
         """Mean node outputs over every real token of the ``reference`` batches."""
         total, count = None, 0
         device = next(runner.adapter.model.parameters()).device
@@ -62,20 +64,24 @@ class MeanBaseline(BaselineActivations):
                 total = real.sum(0) if total is None else total + real.sum(0)
                 count += real.shape[0]
         if not count:
-            raise ConfigError("the mean baseline needs a non-empty reference set")
+            raise ConfigError("the mean ablation needs a non-empty reference set")
         return cls((total / count).to(out.dtype))
 
     def for_batch(self, runner, batch):
         return self.mean[None, None]
 
 
-def sample_seed(sample_id: str, seed: int = 0) -> int:
-    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+def sample_seed(sample_id: str, seed: int = 0, draw: int = 0) -> int:
+    """The random seed of corrupted prompt ``draw`` of a sample: its id and the run's ``seed``
+    alone decide it (not the batch it lands in). Draw 0 of seed s and draw 0 of seed s + 1 are
+    independent, so a rerun with another seed is an independent measurement (test-retest)."""
+    key = f"{seed}:{sample_id}" if draw == 0 else f"{seed}.{draw}:{sample_id}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
 
 def corrupt_input_ids(batch: Batch, vocab_size: int, special_ids: Iterable[int] = (),
-                      seed: int = 0) -> Tensor:
+                      seed: int = 0, draw: int = 0) -> Tensor:
     """(B, T) ids with each sample's question tokens replaced by random non-special tokens."""
     special = torch.tensor(sorted(set(int(i) for i in special_ids)), dtype=torch.long)
     allowed = torch.ones(vocab_size, dtype=torch.bool)
@@ -86,38 +92,52 @@ def corrupt_input_ids(batch: Batch, vocab_size: int, special_ids: Iterable[int] 
         where = batch.question_mask[i].nonzero()[:, 0]
         if not len(where):
             continue
-        gen = torch.Generator().manual_seed(sample_seed(sample_id, seed))
+        gen = torch.Generator().manual_seed(sample_seed(sample_id, seed, draw))
         pick = torch.randint(len(pool), (len(where),), generator=gen)
         ids[i, where.to(ids.device)] = pool[pick].to(ids.device)
     return ids
 
 
-class CorruptBaseline(BaselineActivations):
+class CorruptAblation(Ablation):
+    """Node outputs on corrupted prompts; with ``draws`` > 1 the mean over that many
+    independently corrupted prompts of each sample (one no-gradient pass each), which makes the
+    ablation, and so the circuit, an estimate of one well-defined quantity rather than one
+    random draw."""
+
     name = "corrupt"
 
-    def __init__(self, tokenizer, seed: int = 0):
+    def __init__(self, tokenizer, seed: int = 0, draws: int = 1):
+        if draws < 1:
+            raise ConfigError(f"draws must be at least 1, got {draws}")
         self.vocab_size = len(tokenizer)
         self.special_ids = list(getattr(tokenizer, "all_special_ids", []) or [])
-        self.seed = seed
+        self.seed, self.draws = seed, draws
 
     def for_batch(self, runner, batch):
         vocab = min(self.vocab_size, runner.adapter.model.get_input_embeddings().weight.shape[0])
-        ids = corrupt_input_ids(batch, vocab, self.special_ids, self.seed)
+        total = None
         with torch.no_grad():
-            return runner.run(ids, batch.attention_mask, record=True,
-                              logit_mask=torch.zeros_like(batch.attention_mask)).outputs
+            for draw in range(self.draws):
+                ids = corrupt_input_ids(batch, vocab, self.special_ids, self.seed, draw)
+                out = runner.run(ids, batch.attention_mask, record=True,
+                                 logit_mask=torch.zeros_like(batch.attention_mask)).outputs
+                if self.draws == 1:
+                    return out
+                total = out.float() if total is None else total.add_(out)
+        return total.div_(self.draws).to(out.dtype)
 
 
-def make_baseline(name: str, *, tokenizer=None, runner: ResidualRunner | None = None,
-                  reference: Iterable[Batch] | None = None, seed: int = 0) -> BaselineActivations:
+def make_ablation(name: str, *, tokenizer=None, runner: ResidualRunner | None = None,
+                  reference: Iterable[Batch] | None = None, seed: int = 0, draws: int = 1
+                  ) -> Ablation:
     if name == "zero":
-        return ZeroBaseline()
+        return ZeroAblation()
     if name == "corrupt":
         if tokenizer is None:
-            raise ConfigError("the corrupt baseline needs the tokenizer")
-        return CorruptBaseline(tokenizer, seed)
+            raise ConfigError("the corrupt ablation needs the tokenizer")
+        return CorruptAblation(tokenizer, seed, draws)
     if name == "mean":
         if reference is None or runner is None:
-            raise ConfigError("the mean baseline needs a reference set (e.g. --reference retain.json)")
-        return MeanBaseline.fit(runner, reference)
-    raise ConfigError(f"unknown baseline '{name}' (choose from {', '.join(BASELINES)})")
+            raise ConfigError("the mean ablation needs a reference set (e.g. --reference retain.json)")
+        return MeanAblation.fit(runner, reference)
+    raise ConfigError(f"unknown ablation '{name}' (choose from {', '.join(ABLATIONS)})")

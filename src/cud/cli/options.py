@@ -1,0 +1,97 @@
+"""Reading the command line into the library's settings objects: each command's options default
+to None and only the options given replace a setting, so every default stays stated once, in
+its settings class (help texts quote it from there)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cud.errors import ConfigError, DataError
+
+T = TypeVar("T")
+
+
+def default(settings_class: type, name: str) -> str:
+    """``(default: X)`` for a help text, X read from the settings class."""
+    value = getattr(settings_class(), name)
+    if isinstance(value, tuple):
+        value = ",".join(map(str, value))
+    return f"(default: {value})"
+
+
+def settings_from(settings_class: type[T], base: T | None = None, **options: Any) -> T:
+    """``base`` (default: the class's defaults) with every option that was given (not None)."""
+    names = {f.name for f in fields(settings_class)}
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - names)
+    if unknown:  # pragma: no cover - a programming error in a command
+        raise TypeError(f"{settings_class.__name__} has no field(s) {unknown}")
+    try:
+        return replace(base if base is not None else settings_class(), **given)
+    except ConfigError as e:  # name the option, not the field: "--batch-size must be ..."
+        message = str(e)
+        for name in sorted(names, key=len, reverse=True):
+            if re.match(rf"{name}\b", message):
+                message = "--" + name.replace("_", "-") + message[len(name):]
+                break
+        raise ConfigError(message) from None
+
+
+def csv_list(spec: str | None) -> list[str] | None:
+    """``"a, b,c"`` -> ``["a", "b", "c"]``; None stays None."""
+    if spec is None:
+        return None
+    return [x.strip() for x in spec.split(",") if x.strip()]
+
+
+def int_list(spec: str | None, option: str) -> tuple[int, ...] | None:
+    if spec is None:
+        return None
+    try:
+        return tuple(int(x) for x in csv_list(spec))
+    except ValueError:
+        raise ConfigError(f"{option} expects comma-separated whole numbers, got '{spec}'") \
+            from None
+
+
+def id_list(spec: str) -> list[str]:
+    """A file (one id per line, or a JSON list) or a comma-separated list of ids."""
+    path = Path(spec)
+    if path.is_file():
+        text = path.read_text()
+        if path.suffix == ".json":
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"not JSON ({e.msg})", file=str(path), line=e.lineno) from None
+            if not isinstance(values, list):
+                raise DataError("expected a JSON list of sample ids", file=str(path))
+            return [str(v) for v in values]
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    return csv_list(spec) or []
+
+
+def parse_params(params: list[str]) -> dict:
+    """``["alpha=2", "beta=none"]`` -> ``{"alpha": 2, "beta": None}``."""
+    out = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param expects NAME=VALUE, got '{item}'")
+        try:
+            out[key] = None if value.lower() == "none" else \
+                int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise ConfigError(f"--param {key}: expected a number, got '{value}'") from None
+    return out
+
+
+def out_folder(out: str, option: str = "--out") -> Path:
+    """An output folder option: never empty (an empty path would mean the current folder)."""
+    if not str(out).strip():
+        raise ConfigError(f"{option} is empty; give the folder to write into")
+    return Path(out)

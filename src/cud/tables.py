@@ -1,0 +1,70 @@
+"""Per-sample tables on disk: every result table of cud is written twice, as Parquet (typed,
+for programs) and CSV (for people), under one path without suffix; readers take either and
+give back a table indexed by sample ``id``. Files are written to a temporary name and renamed
+into place, so a killed run never leaves half a table behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from cud.errors import DataError, StoreError
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+
+
+def save_table(table: pd.DataFrame, path: str | Path, *, index: bool | None = None
+               ) -> tuple[Path, Path]:
+    """Write ``table`` as ``<path>.parquet`` and ``<path>.csv`` (a suffix on ``path`` is
+    ignored). ``index``: write the index as a column (default: when it is named, e.g. ``id``).
+    Returns the two paths."""
+    path = Path(path)
+    if path.suffix in (".parquet", ".csv"):
+        path = path.with_suffix("")
+    keep_index = table.index.name is not None if index is None else index
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parquet, csv = path.with_suffix(".parquet"), path.with_suffix(".csv")
+        for target, write in ((parquet, lambda p: table.to_parquet(p, index=keep_index)),
+                              (csv, lambda p: table.to_csv(p, index=keep_index))):
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            try:
+                write(tmp)
+                _replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise StoreError(f"{path.parent}: cannot write {path.name} ({e.strerror or e})") from None
+    return parquet, csv
+
+
+def read_table(path: str | Path, *, what: str = "table", names: tuple[str, ...] = ()
+               ) -> pd.DataFrame:
+    """A ``.parquet`` or ``.csv`` table, or in a folder the first ``<name>.parquet`` / ``.csv``
+    of ``names``; indexed by ``id`` (from a column ``id`` or the stored index), as strings."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / f"{n}{ext}" for n in names for ext in (".parquet", ".csv")
+                 if (path / f"{n}{ext}").is_file()]
+        if not found:
+            raise DataError(f"no {what} table inside (looked for "
+                            f"{', '.join(n + '.parquet/.csv' for n in names)})", file=str(path))
+        path = found[0]
+    if not path.is_file():
+        raise DataError(f"no such {what} file", file=str(path))
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as e:  # pyarrow and pandas raise many types for a damaged file
+        raise DataError(f"unreadable {what} table ({type(e).__name__}: {e})",
+                        file=str(path)) from None
+    if "id" in table.columns:
+        table = table.set_index("id")
+    elif table.index.name != "id":
+        raise DataError(f"the {what} table has no 'id' column", file=str(path))
+    table.index = table.index.astype(str)
+    return table
