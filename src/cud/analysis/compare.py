@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from cud.statistics import spearman
+
 #: fewest samples per group (or per correlation) a test is run on
 MIN_SAMPLES = 3
 VERDICTS = ("agrees", "opposite", "not significant", "no claim", "constant", "too few samples")
@@ -184,11 +186,8 @@ def correlations(stats: pd.DataFrame, targets: pd.DataFrame, *,
             x_all = stats.loc[shared, col].to_numpy(dtype=float)
             ok = np.isfinite(x_all) & np.isfinite(y_all)
             x, y = x_all[ok], y_all[ok]
-            rho = p = float("nan")
             constant = len(x) >= MIN_SAMPLES and (np.ptp(x) == 0 or np.ptp(y) == 0)
-            if len(x) >= MIN_SAMPLES and not constant:
-                result = sps.spearmanr(x, y)
-                rho, p = float(result.statistic), float(result.pvalue)
+            rho, p = spearman(x, y) if len(x) >= MIN_SAMPLES else (float("nan"), float("nan"))
             block.append({"target": target, "statistic": col, "n": len(x), "rho": rho,
                           "p_value": p, "expected": _direction(expectations.get(col, 0)),
                           "constant": constant})

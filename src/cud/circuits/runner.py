@@ -194,113 +194,163 @@ class ResidualRunner:
             interpolation: Interpolation | None = None, capture: bool = False) -> RunOutput:
         """Forward pass. ``logit_mask`` (B, T) bool picks the positions whose logits are
         computed (all positions when None: logits then have shape (B, T, vocab))."""
-        a, g = self.adapter, self.graph
-        b, t = input_ids.shape
-        h, d = a.n_heads, a.d_model
         if patch is not None and torch.is_grad_enabled():
             raise RuntimeError("edge patching is for evaluation; run it under torch.no_grad()")
         if capture and patch is not None:
             raise ValueError("capture is for gradient passes, not patched ones")
-        ctx = a.context(attention_mask)
-        dtype = next(a.model.parameters()).dtype
-        shared = capture and not self.copies
+        one = _Pass(self, input_ids, attention_mask, record=record, patch=patch,
+                    interpolation=interpolation, capture=capture)
+        one.embed(input_ids)
+        for layer in range(self.adapter.n_layers):
+            attn_out, base_attn = one.attention(layer)
+            one.mlp(layer, attn_out, base_attn)
+        return one.readout(logit_mask)
 
-        outputs = None
-        if record:
-            outputs = torch.zeros(b, t, g.n_forward, d, dtype=dtype, device=input_ids.device)
-        patcher = _Patcher(patch, attention_mask, g.n_forward, d, dtype) if patch else None
 
-        def interpolate(z: Tensor, f0: int, f1: int, is_input: bool, summed: bool = False
-                        ) -> Tensor:
-            """z's value becomes the interpolation target; its gradient stays z's. With
-            ``summed`` (or a single node), z (B, T, d) is the sum of nodes f0..f1-1 and takes
-            the sum of their targets."""
-            if interpolation is None or not interpolation.moves(f0, f1, is_input):
-                return z
-            if summed or f1 - f0 == 1:
-                target = interpolation.target_sum(f0, f1).expand_as(z)
-            else:
-                target = interpolation.target(f0, f1)
-            if is_input and interpolation.input_only:
-                # nothing upstream of the input: the gradient starts here
-                return target.requires_grad_()
-            return z + (target - z).detach()
+class _Pass:
+    """One forward pass of :meth:`ResidualRunner.run`: the residual stream ``resid`` (and, when
+    patching, ``base``, the stream with every edge patched) carried layer by layer, with each
+    mode's work in its own place: recording and patching in :meth:`emit`, interpolation in
+    :meth:`interpolate`, capture in the attention and MLP steps."""
 
-        def emit(z: Tensor, f0: int) -> Tensor | None:
-            """Nodes f0.. produced ``z`` (B, T, n, d); returns their patched sum when patching."""
-            if outputs is not None:
-                outputs[:, :, f0:f0 + z.shape[2]] = z.detach()
-            return patcher.add(z, f0) if patcher is not None else None
+    def __init__(self, runner: ResidualRunner, input_ids: Tensor, attention_mask: Tensor, *,
+                 record: bool, patch: EdgePatch | None, interpolation: Interpolation | None,
+                 capture: bool):
+        self.a, self.g = runner.adapter, runner.graph
+        b, t = input_ids.shape
+        self.shape = (b, t, self.a.n_heads, self.a.d_model)
+        dtype = next(self.a.model.parameters()).dtype
+        self.ctx = self.a.context(attention_mask)
+        self.interpolation = interpolation
+        self.capture = capture
+        self.shared = capture and not runner.copies
+        self.outputs = torch.zeros(b, t, self.g.n_forward, self.a.d_model, dtype=dtype,
+                                   device=input_ids.device) if record else None
+        self.patcher = _Patcher(patch, attention_mask, self.g.n_forward, self.a.d_model,
+                                dtype) if patch else None
+        self.cap_attention, self.cap_stream, self.cap_qkv, self.cap_mlp = [], [], [], []
+        self.resid: Tensor | None = None
+        self.base: Tensor | None = None   # the all-patched stream, when patching
 
-        cap_attention, cap_stream, cap_qkv, cap_mlp = [], [], [], []
-        z_in = interpolate(a.embed(input_ids), 0, 1, True)
-        base = emit(z_in[:, :, None], 0)  # the all-patched stream, when patching
-        resid = z_in
-        for layer in range(a.n_layers):
-            f0 = g.attention_readers_upstream(layer)
-            bq = g.qkv_backward(layer, 0, 0)
-            base_attn = None
-            if shared:
-                cap_stream.append(resid.detach())
-                qkv = a.project_qkv(layer, a.attention_norm(layer)(resid))
-                cap_qkv.append(qkv)
-                o = a.attend_qkv(layer, qkv, ctx)
-                attn_out = interpolate(a.attention_output(layer, o), f0, f0 + h, False,
-                                       summed=True)
-                if outputs is not None:  # the heads one by one, only to record them
-                    with torch.no_grad():
-                        heads = (o.detach() @ a.output_weight(layer)).transpose(1, 2)
-                        emit(interpolate(heads, f0, f0 + h, False), f0)
-            else:
-                if patcher is not None:
-                    x_att = patcher.inputs(resid, base, f0, slice(bq, bq + 3 * h))
-                    if x_att.dim() == 4:
-                        x_att = x_att.view(b, t, 3, h, d)
-                elif capture:
-                    x_att = resid[:, :, None, None, :].expand(b, t, 3, h, d)
-                    cap_attention.append(x_att)
-                else:
-                    x_att = resid
-                heads = interpolate(a.attention_heads(layer, x_att, ctx), f0, f0 + h, False)
-                base_attn = emit(heads, f0)
-                attn_out = heads.sum(2)
-            bias = a.attention_bias(layer)
-            if bias is not None:
-                attn_out = attn_out + bias
-                if base_attn is not None:
-                    base_attn = base_attn + bias
-            mlp_resid = resid if a.parallel_attn_mlp else resid + attn_out
-            if patcher is not None:
-                mlp_base = base if a.parallel_attn_mlp else base + base_attn
-                x_mlp = patcher.input(mlp_resid, mlp_base, g.mlp_readers_upstream(layer),
-                                      g.mlp_backward(layer))
-            else:
-                x_mlp = mlp_resid
-            if capture:
-                # a distinct tensor so its gradient is the MLP's own input gradient
-                x_mlp = x_mlp.view_as(x_mlp)
-                cap_mlp.append(x_mlp)
-            mlp_out = interpolate(a.mlp(layer, x_mlp), f0 + h, f0 + h + 1, False)
-            base_mlp = emit(mlp_out[:, :, None], f0 + h)
-            if a.parallel_attn_mlp:
-                resid = resid + attn_out + mlp_out
-                if patcher is not None:
-                    base = base + base_attn + base_mlp
-            else:
-                resid = mlp_resid + mlp_out
-                if patcher is not None:
-                    base = mlp_base + base_mlp
-        if patcher is not None:
-            x_log = patcher.input(resid, base, g.n_forward, g.logits_backward)
+    # the modes ------------------------------------------------------------------------------
+    def interpolate(self, z: Tensor, f0: int, f1: int, is_input: bool, summed: bool = False
+                    ) -> Tensor:
+        """z's value becomes the interpolation target; its gradient stays z's. With ``summed``
+        (or a single node), z (B, T, d) is the sum of nodes f0..f1-1 and takes the sum of their
+        targets."""
+        path = self.interpolation
+        if path is None or not path.moves(f0, f1, is_input):
+            return z
+        if summed or f1 - f0 == 1:
+            target = path.target_sum(f0, f1).expand_as(z)
         else:
-            x_log = resid
+            target = path.target(f0, f1)
+        if is_input and path.input_only:
+            # nothing upstream of the input: the gradient starts here
+            return target.requires_grad_()
+        return z + (target - z).detach()
+
+    def emit(self, z: Tensor, f0: int) -> Tensor | None:
+        """Nodes f0.. produced ``z`` (B, T, n, d): record them; when patching, return their
+        patched sum."""
+        if self.outputs is not None:
+            self.outputs[:, :, f0:f0 + z.shape[2]] = z.detach()
+        return self.patcher.add(z, f0) if self.patcher is not None else None
+
+    # the layers -----------------------------------------------------------------------------
+    def embed(self, input_ids: Tensor) -> None:
+        z_in = self.interpolate(self.a.embed(input_ids), 0, 1, True)
+        self.base = self.emit(z_in[:, :, None], 0)
+        self.resid = z_in
+
+    def attention(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        """(the attention's output added to the stream, its all-patched counterpart or None),
+        the output bias included."""
+        if self.shared:
+            attn_out, base_attn = self._attention_shared(layer), None
+        else:
+            attn_out, base_attn = self._attention_per_head(layer)
+        bias = self.a.attention_bias(layer)
+        if bias is not None:
+            attn_out = attn_out + bias
+            if base_attn is not None:
+                base_attn = base_attn + bias
+        return attn_out, base_attn
+
+    def _attention_shared(self, layer: int) -> Tensor:
+        """Every head reads one normalised stream, projected once (a capture pass)."""
+        a, f0 = self.a, self.g.attention_readers_upstream(layer)
+        self.cap_stream.append(self.resid.detach())
+        qkv = a.project_qkv(layer, a.attention_norm(layer)(self.resid))
+        self.cap_qkv.append(qkv)
+        o = a.attend_qkv(layer, qkv, self.ctx)
+        attn_out = self.interpolate(a.attention_output(layer, o), f0, f0 + a.n_heads, False,
+                                    summed=True)
+        if self.outputs is not None:  # the heads one by one, only to record them
+            with torch.no_grad():
+                heads = (o.detach() @ a.output_weight(layer)).transpose(1, 2)
+                self.emit(self.interpolate(heads, f0, f0 + a.n_heads, False), f0)
+        return attn_out
+
+    def _attention_per_head(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        """Every head computed from its own input: patched, captured as copies, or plain."""
+        a, g = self.a, self.g
+        b, t, h, d = self.shape
+        f0, bq = g.attention_readers_upstream(layer), g.qkv_backward(layer, 0, 0)
+        if self.patcher is not None:
+            x_att = self.patcher.inputs(self.resid, self.base, f0, slice(bq, bq + 3 * h))
+            if x_att.dim() == 4:
+                x_att = x_att.view(b, t, 3, h, d)
+        elif self.capture:
+            x_att = self.resid[:, :, None, None, :].expand(b, t, 3, h, d)
+            self.cap_attention.append(x_att)
+        else:
+            x_att = self.resid
+        heads = self.interpolate(a.attention_heads(layer, x_att, self.ctx), f0, f0 + h, False)
+        base_attn = self.emit(heads, f0)
+        return heads.sum(2), base_attn
+
+    def mlp(self, layer: int, attn_out: Tensor, base_attn: Tensor | None) -> None:
+        """The MLP of ``layer`` (reading the stream before or after the attention), and the
+        stream moved past the layer."""
+        a, g, patcher = self.a, self.g, self.patcher
+        f_mlp = g.mlp_forward(layer)
+        mlp_resid = self.resid if a.parallel_attn_mlp else self.resid + attn_out
+        mlp_base = None
+        if patcher is not None:
+            mlp_base = self.base if a.parallel_attn_mlp else self.base + base_attn
+            x_mlp = patcher.input(mlp_resid, mlp_base, g.mlp_readers_upstream(layer),
+                                  g.mlp_backward(layer))
+        else:
+            x_mlp = mlp_resid
+        if self.capture:
+            # a distinct tensor so its gradient is the MLP's own input gradient
+            x_mlp = x_mlp.view_as(x_mlp)
+            self.cap_mlp.append(x_mlp)
+        mlp_out = self.interpolate(a.mlp(layer, x_mlp), f_mlp, f_mlp + 1, False)
+        base_mlp = self.emit(mlp_out[:, :, None], f_mlp)
+        if a.parallel_attn_mlp:
+            self.resid = self.resid + attn_out + mlp_out
+            if patcher is not None:
+                self.base = self.base + base_attn + base_mlp
+        else:
+            self.resid = mlp_resid + mlp_out
+            if patcher is not None:
+                self.base = mlp_base + base_mlp
+
+    def readout(self, logit_mask: Tensor | None) -> RunOutput:
+        g = self.g
+        if self.patcher is not None:
+            x_log = self.patcher.input(self.resid, self.base, g.n_forward, g.logits_backward)
+        else:
+            x_log = self.resid
         captured = None
-        if capture:
+        if self.capture:
             x_log = x_log.view_as(x_log)
-            captured = ReaderCapture(mlp=cap_mlp, logits=x_log,
-                                     attention=None if shared else cap_attention,
-                                     stream=cap_stream if shared else None,
-                                     qkv=cap_qkv if shared else None)
+            captured = ReaderCapture(mlp=self.cap_mlp, logits=x_log,
+                                     attention=None if self.shared else self.cap_attention,
+                                     stream=self.cap_stream if self.shared else None,
+                                     qkv=self.cap_qkv if self.shared else None)
         selected = x_log if logit_mask is None else x_log[logit_mask]
-        logits = a.unembed(selected)
-        return RunOutput(logits=logits, outputs=outputs, capture=captured)
+        return RunOutput(logits=self.a.unembed(selected), outputs=self.outputs,
+                         capture=captured)

@@ -30,6 +30,7 @@ import pandas as pd
 from scipy import stats
 
 from cud.errors import ConfigError
+from cud.statistics import spearman
 
 STATISTICS = ("spearman", "kendall", "auroc")
 
@@ -74,14 +75,6 @@ def held_out_pairs(metric: pd.Series, truth: pd.Series, *, excluded: Iterable[st
 
 
 # --- point statistics (scipy / scikit-learn) ----------------------------------------------------
-
-def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(ρ, two-sided p)."""
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan, math.nan
-    r = stats.spearmanr(x, y)
-    return float(r.statistic), float(r.pvalue)
-
 
 def kendall(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """(τ-b, two-sided p)."""

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from cud.circuits.graph import Graph
+from cud.statistics import spearman
 from cud.circuits.structure import layer_pair_counts, node_membership
 
 EASY, HARD, OTHER = "#2b8a3e", "#c92a2a", "#868e96"
@@ -76,11 +77,7 @@ def cud_distribution(cud: pd.Series, anchors: Mapping[str, Sequence[str]] | None
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
-        return float("nan")
-    return float(spearmanr(x[ok], y[ok]).statistic)
+    return spearman(x, y)[0]
 
 
 def cud_vs_outcome(cud: pd.Series, outcomes: Mapping[str, pd.Series], *,
