@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models of the three families (built in memory, cached per session), every
+"""Shared fixtures: tiny models of the seven families (built in memory, cached per session), every
 variant the adapters claim, and a few QA samples of different lengths."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 from cud.data import collate, encode_samples, fictitious_authors
 from cud.models import prepare, tiny_model, tiny_tokenizer
 
-FAMILIES = ("llama", "gpt2", "gpt_neox")
+FAMILIES = ("llama", "gpt2", "gpt_neox", "phi", "phi3", "qwen3", "gemma")
 
 
 def randomise_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
@@ -89,6 +89,25 @@ VARIANTS = {
     "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}),
     "gpt_neox-full-rotary": ("gpt_neox", {"rotary_pct": 1.0}),
     "gpt_neox-3-layers": ("gpt_neox", {"num_hidden_layers": 3}),
+    # phi default: parallel block, partial rotary (factor 0.5), multi-head attention
+    "phi-partial-rotary": ("phi", {}),
+    "phi-full-rotary": ("phi", {"partial_rotary_factor": 1.0}),
+    "phi-qk-layernorm": ("phi", {"qk_layernorm": True}),
+    "phi-gqa": ("phi", {"num_key_value_heads": 2}),
+    # phi3 default: multi-head attention (Phi-3-mini), full rotary, no window
+    "phi3-mha": ("phi3", {}),
+    "phi3-gqa": ("phi3", {"num_key_value_heads": 2}),  # Phi-3-medium, Phi-4-mini
+    "phi3-partial-rotary": ("phi3", {"partial_rotary_factor": 0.5}),
+    "phi3-sliding-window-12": ("phi3", {"sliding_window": 12}),  # shorter than the batch
+    # qwen3 default: grouped-query attention, head_dim 8 = 32 / 4
+    "qwen3-gqa": ("qwen3", {}),
+    "qwen3-head-dim-16": ("qwen3", {"head_dim": 16}),
+    "qwen3-qkv-o-bias": ("qwen3", {"attention_bias": True}),
+    "qwen3-sliding-window-layer-1": ("qwen3", {"use_sliding_window": True, "sliding_window": 12,
+                                               "max_window_layers": 1}),
+    # gemma default: multi-query attention, head_dim 16 (4 x 16 != 32), tied embeddings
+    "gemma-mqa": ("gemma", {}),
+    "gemma-mha": ("gemma", {"num_key_value_heads": 4}),
 }
 
 #: Other HF model types the llama adapter claims (tiny_model only builds LlamaConfig).

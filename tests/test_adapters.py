@@ -88,8 +88,10 @@ def test_recorded_outputs_rebuild_the_hf_residual_stream(variant_lm, padded_batc
 
 def _attention_out_proj(lm, layer: int) -> torch.nn.Module:
     model_type = lm.model.config.model_type
-    if model_type in ("llama", "mistral", "qwen2"):
+    if model_type in ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma"):
         return lm.model.model.layers[layer].self_attn.o_proj
+    if model_type == "phi":
+        return lm.model.model.layers[layer].self_attn.dense
     if model_type == "gpt2":
         return lm.model.transformer.h[layer].attn.c_proj
     return lm.model.gpt_neox.layers[layer].attention.dense
@@ -154,7 +156,8 @@ def test_graph_follows_the_adapter(variant_lm):
     assert g.n_layers == cfg.num_hidden_layers
     assert g.n_heads == cfg.num_attention_heads  # query heads: k and v are ungrouped
     assert g.d_model == cfg.hidden_size
-    assert g.parallel_attn_mlp == bool(getattr(cfg, "use_parallel_residual", False))
+    parallel = cfg.model_type == "phi" or bool(getattr(cfg, "use_parallel_residual", False))
+    assert g.parallel_attn_mlp == parallel
 
 
 def test_supported_model_types_and_unsupported_ones():
@@ -232,3 +235,171 @@ def test_attention_output_is_the_sum_of_the_heads(variant_lm, padded_batch):
         copies = x[:, :, None, None].expand(*x.shape[:2], 3, a.n_heads, a.d_model)
         torch.testing.assert_close(a.attention_heads(0, copies, ctx), heads, rtol=1e-5,
                                    atol=1e-5)
+
+
+# Phi, Phi-3, Qwen3, Gemma ------------------------------------------------------------------
+def test_new_families_are_registered():
+    assert {"phi", "phi3", "qwen3", "gemma"} <= set(supported_model_types())
+
+
+def test_new_family_variants_are_what_they_claim(make_lm):
+    """Guards the parametrisation of the new families: what each variant is named after is
+    really in the model (and randomised, so that a misplaced piece would show)."""
+    phi = make_lm("phi")
+    assert phi.adapter.rotary_ndims == phi.adapter.head_dim // 2
+    assert make_lm("phi", partial_rotary_factor=1.0).adapter.rotary_ndims == phi.adapter.head_dim
+    attn = make_lm("phi", qk_layernorm=True).model.model.layers[0].self_attn
+    assert attn.q_layernorm.weight.shape == (phi.adapter.head_dim,)
+    assert (attn.q_layernorm.weight - 1).abs().max() > 0.01
+    assert attn.q_proj.bias.abs().max() > 0.01 and phi.model.lm_head.bias.abs().max() > 0.01
+    assert make_lm("phi", num_key_value_heads=2).adapter.n_kv_heads == 2
+
+    phi3 = make_lm("phi3")
+    assert phi3.adapter.n_kv_heads == phi3.adapter.n_heads
+    assert make_lm("phi3", num_key_value_heads=2).adapter.n_kv_heads == 2
+    assert phi3.adapter.rotary(3, torch.device("cpu"))[0].shape[-1] == phi3.adapter.head_dim
+    half = make_lm("phi3", partial_rotary_factor=0.5)
+    cos, _ = half.adapter.rotary(3, torch.device("cpu"))
+    assert cos.shape[-1] == half.adapter.head_dim // 2
+    window = make_lm("phi3", sliding_window=12).adapter
+    assert window.window == 12 and window.sliding_layers == frozenset(range(window.n_layers))
+
+    qwen3 = make_lm("qwen3", head_dim=16)
+    cfg = qwen3.model.config
+    assert qwen3.adapter.head_dim == 16 != cfg.hidden_size // cfg.num_attention_heads
+    assert (qwen3.model.model.layers[0].self_attn.q_norm.weight - 1).abs().max() > 0.01
+    sliding = make_lm("qwen3", use_sliding_window=True, sliding_window=12, max_window_layers=1)
+    assert sliding.adapter.sliding_layers == frozenset({1})
+
+    gemma = make_lm("gemma")
+    cfg = gemma.model.config
+    assert gemma.adapter.n_kv_heads == 1
+    assert gemma.adapter.head_dim * gemma.adapter.n_heads != cfg.hidden_size
+    assert gemma.model.lm_head.weight is gemma.model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("family, window", [
+    ("phi3", {"sliding_window": 12}),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 1})])
+def test_sliding_window_shorter_than_the_sequence_changes_the_logits(family, window, make_lm,
+                                                                     qa_samples):
+    """The window variants are the default models' very weights with a window: the window must
+    change HF's logits (else the variant tests nothing), and the runner follows HF in both."""
+    full, windowed = make_lm(family), make_lm(family, **window)
+    for p, q in zip(full.model.parameters(), windowed.model.parameters()):
+        assert torch.equal(p, q)
+    batch = collate(encode_samples(full.tokenizer, qa_samples[:4]), full.pad_token_id)
+    mask = batch.attention_mask
+    assert batch.input_ids.shape[1] > 12
+    ref_full, ref_windowed = hf_logits(full, batch).logits, hf_logits(windowed, batch).logits
+    assert max_diff_on_real_tokens(ref_full, ref_windowed, mask) > 100 * ATOL
+    for lm, reference in ((full, ref_full), (windowed, ref_windowed)):
+        with torch.no_grad():
+            ours = ResidualRunner(lm.adapter).run(batch.input_ids, mask).logits
+        assert max_diff_on_real_tokens(ours, reference, mask) <= ATOL
+
+
+def test_phi_block_is_parallel_with_one_shared_norm(make_lm, qa_samples):
+    """Phi's MLP reads the layer's input_layernorm output, as its attention does: the MLP node
+    has no edges from its own layer's heads, and the adapter's MLP on the residual entering
+    the layer is exactly what HF's MLP computes (its input captured by a hook)."""
+    lm = make_lm("phi")
+    g = ResidualRunner(lm.adapter).graph
+    assert g.parallel_attn_mlp
+    assert "a0.h0->m0" not in g.edge_lookup and "a0.h0->m1" in g.edge_lookup
+    batch = collate(encode_samples(lm.tokenizer, qa_samples[:2]), lm.pad_token_id)
+    seen = {}
+    block = lm.model.model.layers[1]
+    handles = [block.mlp.register_forward_hook(lambda m, i, out: seen.update(mlp=out)),
+               block.self_attn.q_proj.register_forward_hook(
+                   lambda m, i, out: seen.update(attn_in=i[0]))]
+    try:
+        hidden = hf_logits(lm, batch, output_hidden_states=True).hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        norm_out = lm.adapter.attention_norm(1)(hidden[1])
+        mlp_out = lm.adapter.mlp(1, hidden[1])
+    assert torch.equal(norm_out, seen["attn_in"])
+    torch.testing.assert_close(mlp_out, seen["mlp"], rtol=0, atol=1e-6)
+
+
+def test_gemma_input_node_is_the_scaled_embedding_in_the_models_dtype(randomise):
+    """Gemma's input node is embedding * sqrt(d), the factor rounded to the model's dtype as
+    HF does (in bfloat16 sqrt(32) = 5.656... becomes 5.65625): exactly HF's first hidden state."""
+    from cud.models import tiny_model
+    ids = torch.arange(5, 25).view(2, 10)
+    for dtype in (torch.float32, torch.bfloat16):
+        lm = tiny_model("gemma")
+        randomise(lm.model)
+        lm.model.to(dtype)
+        a = lm.adapter
+        scale = torch.tensor(a.d_model ** 0.5, dtype=dtype)
+        if dtype == torch.bfloat16:
+            assert scale.item() != a.d_model ** 0.5
+        with torch.no_grad():
+            ours = a.embed(ids)
+            hidden = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[0]
+        assert ours.dtype == dtype
+        assert torch.equal(ours, lm.model.model.embed_tokens.weight[ids] * scale)
+        assert torch.equal(ours, hidden)
+
+
+def test_gemma_reader_norm_has_the_effective_weight(make_lm):
+    a = make_lm("gemma").adapter
+    norm = a.reader_norm(0)
+    stored = a.layers[0].input_layernorm.weight
+    assert norm.kind == "rms" and norm.bias is None
+    torch.testing.assert_close(norm.weight, 1 + stored, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["phi3", "qwen3", "gemma"])
+def test_wide_rms_norms_are_hfs_norms(family, randomise):
+    """The RMSNorms of the Llama-like new families are HF's own computation, bit for bit, in
+    float32 and bfloat16; in float64 they stay in float64 where HF's modules round through
+    float32 (so float64 gradient checks are exact), and are then the closer to the float64 truth."""
+    from cud.models import tiny_model
+    from cud.models.adapters.qwen3 import WideRMSNorm
+    gen = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(2, 7, 32, generator=gen, dtype=torch.float64) + 0.5
+    lm = tiny_model(family)
+    randomise(lm.model)
+    a = lm.adapter
+    modules = [a.layers[0].input_layernorm, a.layers[1].post_attention_layernorm, a.backbone.norm]
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        lm.model.to(dtype)
+        for module in modules:
+            ours = WideRMSNorm(module, a.unit_offset_norms)
+            with torch.no_grad():
+                got, hf = ours(x.to(dtype)), module(x.to(dtype))
+            assert got.dtype == hf.dtype == dtype
+            if dtype != torch.float64:
+                assert torch.equal(got, hf)
+            else:
+                w = module.weight + 1 if a.unit_offset_norms else module.weight
+                exact = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ours.eps) * w
+                assert (got - exact).abs().max() < 1e-12 < (hf - exact).abs().max()
+
+
+def test_phi3_longrope_beyond_the_original_context(qa_samples, randomise):
+    """Phi-3's longrope tables come from the model's own rotary module: past
+    ``original_max_position_embeddings`` (32 here) it switches to the long factors, and the
+    runner follows HF on both sides of that switch."""
+    from cud.models import tiny_model
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 6.0, 9.0]}
+    cos = {}
+    for original in (32, 256):
+        lm = tiny_model("phi3", rope_parameters=dict(rope),
+                        original_max_position_embeddings=original)
+        randomise(lm.model)
+        batch = collate(encode_samples(lm.tokenizer, qa_samples[:4]), lm.pad_token_id)
+        assert (batch.input_ids.shape[1] > original) == (original == 32)
+        with torch.no_grad():
+            ours = ResidualRunner(lm.adapter).run(batch.input_ids, batch.attention_mask).logits
+        reference = hf_logits(lm, batch).logits
+        diff = max_diff_on_real_tokens(ours, reference, batch.attention_mask)
+        assert diff <= ATOL, f"longrope (original context {original}): differs by {diff:.2e}"
+        cos[original] = lm.adapter.rotary(batch.input_ids.shape[1], torch.device("cpu"))[0]
+    assert not torch.allclose(cos[32], cos[256])  # the long factors were really used

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig,
-                          PreTrainedTokenizerFast)
+from transformers import (AutoModelForCausalLM, GemmaConfig, GPT2Config, GPTNeoXConfig,
+                          LlamaConfig, Phi3Config, PhiConfig, PreTrainedTokenizerFast,
+                          Qwen3Config)
 
 from cud.models.loading import LoadedModel, prepare
 
-FAMILIES = ("llama", "gpt2", "gpt_neox")
+FAMILIES = ("llama", "gpt2", "gpt_neox", "phi", "phi3", "qwen3", "gemma")
 _SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>"]
 _CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -56,6 +57,38 @@ def tiny_config(family: str, vocab_size: int, **overrides):
                    hidden_dropout=0.0, attention_dropout=0.0)
         cfg.update(overrides)
         return GPTNeoXConfig(**cfg)
+    if family == "phi":  # Phi-1.5 / Phi-2: parallel block, LayerNorm, partial rotary
+        cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                   partial_rotary_factor=0.5, tie_word_embeddings=False, resid_pdrop=0.0,
+                   embd_pdrop=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2)
+        cfg.update(overrides)
+        return PhiConfig(**cfg)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj; multi-head as Phi-3-mini
+        cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                   max_position_embeddings=256, original_max_position_embeddings=256,
+                   tie_word_embeddings=False, rms_norm_eps=1e-5, resid_pdrop=0.0,
+                   embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2)
+        cfg.update(overrides)
+        return Phi3Config(**cfg)
+    if family == "qwen3":  # q_norm / k_norm; head_dim is its own setting
+        cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-6)
+        cfg.update(overrides)
+        return Qwen3Config(**cfg)
+    if family == "gemma":  # Gemma-2B style: multi-query, head_dim decoupled (4 x 16 != 32)
+        cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                   head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+                   # released Gemmas use 1e-6; with it a tiny model's layer-0 norm is exactly
+                   # scale-invariant along the zero ablation's path (sqrt(d)-scaled embeddings),
+                   # and the by-layer zero schedule's input edges get no gradient (see README)
+                   rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        cfg.update(overrides)
+        return GemmaConfig(**cfg)
     raise ValueError(f"unknown family '{family}' (choose from {', '.join(FAMILIES)})")
 
 
@@ -66,5 +99,13 @@ def tiny_model(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = tor
     config = tiny_config(family, vocab_size=len(tokenizer), **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    if family == "qwen3":
+        # q_norm / k_norm initialised to 1 make a tiny model's attention saturated from the
+        # start (unit-size q and k); 0.2 keeps it soft, where single-edge effects are
+        # near-linear (the attribution tests compare EAP-IG with brute-force patching there)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.mul_(0.2)
+                layer.self_attn.k_norm.weight.mul_(0.2)
     model.to(dtype)
     return prepare(model, tokenizer, name=f"tiny-{family}")

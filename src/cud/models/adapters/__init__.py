@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from cud.errors import ModelError
 from cud.models.adapters.base import AttentionContext, ReaderNorm, ResidualAdapter
+from cud.models.adapters.gemma import GemmaAdapter
 from cud.models.adapters.gpt2 import GPT2Adapter
 from cud.models.adapters.gpt_neox import GPTNeoXAdapter
 from cud.models.adapters.llama import LlamaAdapter
+from cud.models.adapters.phi import PhiAdapter
+from cud.models.adapters.phi3 import Phi3Adapter
+from cud.models.adapters.qwen3 import Qwen3Adapter
 
-ADAPTERS: tuple[type[ResidualAdapter], ...] = (LlamaAdapter, GPT2Adapter, GPTNeoXAdapter)
+ADAPTERS: tuple[type[ResidualAdapter], ...] = (LlamaAdapter, GPT2Adapter, GPTNeoXAdapter,
+                                               PhiAdapter, Phi3Adapter, Qwen3Adapter,
+                                               GemmaAdapter)
 
 
 def supported_model_types() -> list[str]:
@@ -26,4 +32,5 @@ def adapter_for(model) -> ResidualAdapter:
 
 
 __all__ = ["ResidualAdapter", "AttentionContext", "ReaderNorm", "adapter_for",
-           "supported_model_types", "LlamaAdapter", "GPT2Adapter", "GPTNeoXAdapter"]
+           "supported_model_types", "LlamaAdapter", "GPT2Adapter", "GPTNeoXAdapter", "PhiAdapter",
+           "Phi3Adapter", "Qwen3Adapter", "GemmaAdapter"]
