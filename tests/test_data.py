@@ -306,3 +306,23 @@ def test_batches_cover_every_sample_once_sorted_by_length():
         batches(encoded, batch_size=0)
     with pytest.raises(ValueError):
         collate([])
+
+
+def test_tofu_ids_survive_a_question_asked_of_two_authors(tmp_path):
+    """TOFU asks "What is the full name of the author?" of more than one author: a row is named
+    by its question and answer, and every later row keeps its own author."""
+    from cud.data.tofu import QUESTIONS_PER_AUTHOR as per, load_tofu
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(3 * per)]
+    for author in (0, 2):
+        rows[author * per + 5] = {"question": "What is the full name of the author?",
+                                  "answer": f"The author is number {author}."}
+    lines = "\n".join(json.dumps(r) for r in rows)
+    (tmp_path / "full.json").write_text(lines)
+    (tmp_path / "forget01.json").write_text("\n".join(json.dumps(r) for r in rows[2 * per:]))
+    (tmp_path / "retain99.json").write_text("\n".join(json.dumps(r) for r in rows[:2 * per]))
+    forget, retain = load_tofu(f"tofu:{tmp_path}:forget01:retain99")
+    assert [s.id for s in forget] == [f"tofu_a002.q{k:02d}" for k in range(per)]
+    assert [s.id for s in retain] == [f"tofu_a{a:03d}.q{k:02d}" for a in (0, 1)
+                                      for k in range(per)]
+    _, first = load_tofu(f"tofu:{tmp_path}:forget01:retain99", retain_authors=1)
+    assert len(first) == per and {s.extra["author"] for s in first} == {"a000"}

@@ -89,19 +89,24 @@ def _split_file(folder: Path, split: str, *, perturbed: bool) -> Path:
     return path
 
 
-def _full_rows(folder: Path) -> dict[str, int]:
-    """question -> row of ``full.json`` (empty when the file is absent)."""
+def _full_rows(folder: Path) -> dict[tuple[str, str], int]:
+    """(question, answer) -> row of ``full.json`` (empty when the file is absent). TOFU asks
+    some questions of more than one author ("What is the full name of the author?"), so the
+    question alone does not name a row."""
     path = folder / "full.json"
     if not path.is_file():
         return {}
-    rows: dict[str, int] = {}
+    rows: dict[tuple[str, str], int] = {}
+    n = 0
     for k, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
         if line.strip():
             try:
-                rows.setdefault(json.loads(line)["question"], len(rows))
+                row = json.loads(line)
+                rows.setdefault((row["question"], row["answer"]), n)
             except (ValueError, KeyError, TypeError):
-                raise DataError("not TOFU's JSON Lines (each line an object with 'question')",
-                                file=str(path), line=k + 1) from None
+                raise DataError("not TOFU's JSON Lines (each line an object with 'question' "
+                                "and 'answer')", file=str(path), line=k + 1) from None
+            n += 1
     return rows
 
 
@@ -111,7 +116,8 @@ def _offset(split: str, n_rows: int) -> int:
     return N_FULL - n_rows if split.startswith("forget") else 0
 
 
-def with_tofu_ids(samples: Sequence[QASample], split: str, rows: dict[str, int]
+def with_tofu_ids(samples: Sequence[QASample], split: str,
+                  rows: dict[tuple[str, str], int]
                   ) -> list[QASample]:
     """``samples`` of a TOFU split with ids ``tofu_a{author}.q{k}``, the author, and the
     question type in ``extra``."""
@@ -119,7 +125,7 @@ def with_tofu_ids(samples: Sequence[QASample], split: str, rows: dict[str, int]
     offset = _offset(split, len(samples))
     out, seen = [], {}
     for k, s in enumerate(samples):
-        row = rows.get(s.question, offset + k)
+        row = rows.get((s.question, s.answer), offset + k)
         author, index = divmod(row, QUESTIONS_PER_AUTHOR)
         sample_id = f"tofu_a{author:03d}.q{index:02d}"
         if sample_id in seen:  # a question asked twice in TOFU: keep the rows apart
