@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from cud.circuits.graph import Graph
+from cud.data.samples import QASample
 from cud.errors import StoreError
 from cud.tables import save_table
 
@@ -51,8 +52,12 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def text_hash(question: str, answer: str) -> str:
-    return hashlib.sha256(f"{question}\x1f{answer}".encode()).hexdigest()[:12]
+def text_hash(sample: QASample) -> str:
+    """A stored row's sample check: its question and answer (and a text's split settings)."""
+    text = f"{sample.question}\x1f{sample.answer}"
+    if "text_settings" in sample.extra:
+        text += f"\x1f{sample.identity()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

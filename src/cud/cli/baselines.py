@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from cud.cli.app import command, console
-from cud.cli.common import load_or_teach
+from cud.cli.common import load_or_teach, say_text_cuts
 from cud.cli.options import csv_list, default, out_folder, settings_from
 from cud.cli.render import progress_bars
 from cud.difficulty.baselines import BASELINE_METRICS, BaselineSettings
@@ -62,6 +62,7 @@ def baselines(
                              mrd_sigma=mrd_sigma, mrd_tokens=mrd_tokens, seed=seed)
     folder = out_folder(out)
     samples = load_samples(data, split=split, limit=limit)
+    say_text_cuts(samples, model)
     distributed = workers > 1 or ray_address is not None
     dtype = "float32" if "mrd" in settings.metrics else None
     with progress_bars() as bar:

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from cud.cli.app import command, console
+from cud.cli.common import say_text_cuts
 from cud.cli.options import default, out_folder, settings_from
 from cud.cli.render import progress_bars
 from cud.unlearning.finetune import FinetuneSettings
@@ -58,6 +59,7 @@ def finetune(
     else:
         from cud.data.prepare import load_samples
         samples = load_samples(data, split=split, limit=limit)
+    say_text_cuts(samples, model)
     with progress_bars() as bar:
         result = run_finetune(model, samples, settings, device=device, force=force,
                               keep_model=False, progress=bar)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from cud.cli.app import command, console
-from cud.cli.common import load_or_teach
+from cud.cli.common import load_or_teach, say_text_cuts
 from cud.cli.options import csv_list, default, out_folder, parse_params, settings_from
 from cud.cli.render import progress_bars
 from cud.unlearning.folder import UnlearningSettings
@@ -84,6 +84,7 @@ def unlearn(
     sets = forget_and_retain(data, forget=forget, split=split, limit=limit,
                              forget_fraction=forget_fraction, retain_authors=retain_authors,
                              seed=seed)
+    say_text_cuts(sets.taught, model)
     lm = load_or_teach(model, sets.taught, finetune_first, device)
     with progress_bars() as bar:
         run = unlearn_to_folder(lm, sets.forget, sets.retain, folder, settings, progress=bar)

@@ -1,6 +1,8 @@
 """From QA samples to token ids: the chat template (when the tokenizer has one), a mask of the
 answer tokens (the only tokens every metric reads), a mask of the question tokens (what the
-``corrupt`` baseline replaces), and right-padded batches.
+``corrupt`` baseline replaces), and right-padded batches. Text samples (``extra["kind"] ==
+"text"``) are encoded without the template, split into prefix and continuation in the model's
+tokens and cut to a window (:mod:`cud.data.text`).
 
 Right padding keeps every real token at the position it has when the sample runs alone, so a
 batched run computes exactly what one-sample-at-a-time runs compute.
@@ -14,6 +16,7 @@ from typing import Sequence
 import torch
 
 from cud.data.samples import QASample
+from cud.data.text import is_text, tokenize_text
 from cud.errors import DataError
 
 PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
@@ -98,8 +101,13 @@ def encode_sample(tokenizer, sample: QASample, *, max_length: int | None = None
     """Tokenise ``sample`` as prompt + answer and mark answer and question tokens.
 
     Raises :class:`DataError` naming the sample's source when it has no answer token after
-    tokenisation or is longer than ``max_length`` tokens.
+    tokenisation or is longer than ``max_length`` tokens. A text sample is encoded by
+    :func:`cud.data.text.tokenize_text` instead: prompt = its prefix, answer = its
+    continuation, cut (not refused) to its window and ``max_length``.
     """
+    if is_text(sample):
+        t = tokenize_text(tokenizer, sample, max_length=max_length)
+        return EncodedSample(sample.id, t.input_ids, t.answer_mask, t.question_mask)
     prompt, add_special = format_prompt(tokenizer, sample.question)
     answer = sample.answer if prompt.endswith(("\n", " ")) else " " + sample.answer
     full = prompt + answer

@@ -1,5 +1,9 @@
 """Reading QA sets from files: TOFU-style JSON / JSON Lines, CSV, Hugging Face datasets on disk,
 and the built-in generator. Every invalid row raises :class:`DataError` naming file, line and field.
+
+A row with ``question`` / ``answer`` is a QA pair; a row with ``text`` (and neither of those) is
+a plain text (MUSE, WMDP), optionally with an explicit ``prefix`` and / or ``continuation``
+(:mod:`cud.data.text`). One file holds one kind.
 """
 
 from __future__ import annotations
@@ -12,22 +16,29 @@ from typing import Any, Iterable, Iterator
 
 from cud.data.generator import fictitious_authors
 from cud.data.samples import QASample
+from cud.data.text import DEFAULT_TEXT, TEXT_KIND, TextSettings
 from cud.errors import DataError
 
 #: The default data of the main job.
 BUILTIN = "builtin"
 REQUIRED_FIELDS = ("question", "answer")
+#: the fields of a text row: the text, and where it splits when the row says so
+TEXT_FIELDS = ("text", "prefix", "continuation")
 
 
-def load_qa(spec: str | Path, *, split: str | None = None, limit: int | None = None
-            ) -> list[QASample]:
-    """Load a QA set.
+def load_qa(spec: str | Path, *, split: str | None = None, limit: int | None = None,
+            text: TextSettings | None = None) -> list[QASample]:
+    """Load a QA set (or a set of plain texts).
 
     ``spec`` is a path to a ``.json`` / ``.jsonl`` file (a JSON array or JSON Lines, one
     ``{"question", "answer", "id"?}`` object each), a ``.csv`` file with those columns, a folder
     written by ``datasets.Dataset.save_to_disk`` (``split`` picks a split of a ``DatasetDict``),
     or ``builtin[:N[:SEED]]`` for N generated fictitious-author facts (default 100, seed 0).
     Rows without an ``id`` get ``<file stem>-<row index>``. Duplicate ids are an error.
+
+    Rows ``{"text", "id"?, "prefix"?, "continuation"?}`` instead are text samples
+    (:mod:`cud.data.text`), split and cut when encoded as ``text`` says (default
+    :class:`~cud.data.text.TextSettings`).
     """
     spec_str = str(spec)
     if spec_str == BUILTIN or spec_str.startswith(BUILTIN + ":"):
@@ -37,11 +48,11 @@ def load_qa(spec: str | Path, *, split: str | None = None, limit: int | None = N
         if not path.exists():
             raise DataError("no such file or folder", file=spec_str)
         if path.is_dir():
-            samples = list(_rows_to_samples(_hf_disk_rows(path, split), path))
+            samples = list(_rows_to_samples(_hf_disk_rows(path, split), path, text))
         elif path.suffix.lower() == ".csv":
-            samples = list(_rows_to_samples(_csv_rows(path), path))
+            samples = list(_rows_to_samples(_csv_rows(path), path, text))
         elif path.suffix.lower() in (".json", ".jsonl", ".ndjson"):
-            samples = list(_rows_to_samples(_json_rows(path), path))
+            samples = list(_rows_to_samples(_json_rows(path), path, text))
         else:
             raise DataError("unknown data format (expected .json, .jsonl, .csv, a dataset "
                             "folder or 'builtin')", file=spec_str)
@@ -191,21 +202,101 @@ def _check_answers(extra: dict, path: Path, line: int) -> None:
                         f"{pert!r}"[:120], file=str(path), line=line, field="perturbed_answer")
 
 
-def _rows_to_samples(rows: Iterable[tuple[int, Any]], path: Path) -> Iterator[QASample]:
+def _present(value: Any) -> bool:
+    """A field counts as given unless absent, null or an empty cell."""
+    return value is not None and value != ""
+
+
+def _row_kind(row: dict) -> str:
+    """``"qa"`` for a row with a question or an answer, ``"text"`` for a row with a text (or a
+    text field and no QA field), else ``"qa"`` (whose checks name the missing field)."""
+    if any(_present(row.get(k)) for k in REQUIRED_FIELDS):
+        return "qa"
+    if _present(row.get("text")) or ("text" in row and not any(k in row for k in
+                                                                REQUIRED_FIELDS)):
+        return "text"
+    return "qa"
+
+
+def _text_field(row: dict, name: str, path: Path, line: int, *, required: bool) -> str | None:
+    value = row.get(name)
+    if not required and not _present(value):  # an empty cell is an absent field
+        return None
+    if value is None:
+        raise DataError("missing", file=str(path), line=line, field=name)
+    if not isinstance(value, str):
+        raise DataError(f"expected text, got {type(value).__name__}", file=str(path),
+                        line=line, field=name)
+    if not value.strip():
+        raise DataError("empty", file=str(path), line=line, field=name)
+    return value
+
+
+def _text_prefix(row: dict, path: Path, line: int) -> tuple[str, str]:
+    """(prefix, rest) of a text row: the rest is what follows the prefix in the text; with no
+    ``prefix`` and no ``continuation`` the prefix is empty (split in tokens when encoded)."""
+    text = _text_field(row, "text", path, line, required=True)
+    prefix = _text_field(row, "prefix", path, line, required=False)
+    cont = _text_field(row, "continuation", path, line, required=False)
+    where = dict(file=str(path), line=line)
+    if prefix is not None and not text.startswith(prefix):
+        raise DataError("the text does not begin with the prefix", field="prefix", **where)
+    if cont is not None and not text.endswith(cont):
+        raise DataError("the text does not end with the continuation", field="continuation",
+                        **where)
+    if prefix is None and cont is None:
+        return "", text
+    if prefix is None:
+        # the whitespace between the two goes with the continuation, as with a given prefix
+        prefix = text[:len(text) - len(cont)].rstrip()
+        if not prefix.strip():
+            raise DataError("the continuation is the whole text: no prefix is left before it",
+                            field="continuation", **where)
+    rest = text[len(prefix):]
+    if not rest.strip():
+        raise DataError("the prefix is the whole text: nothing is left to forget",
+                        field="prefix", **where)
+    if cont is not None and (len(prefix) + len(cont) > len(text) or
+                             text[len(prefix):len(text) - len(cont)].strip()):
+        raise DataError("the text is not the prefix followed by the continuation",
+                        field="continuation", **where)
+    return prefix, rest
+
+
+def _rows_to_samples(rows: Iterable[tuple[int, Any]], path: Path,
+                     text: TextSettings | None = None) -> Iterator[QASample]:
     seen: dict[str, int] = {}
+    first: tuple[str, int] | None = None  # (kind, line) of the file's first row
     for index, (line, row) in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"expected an object with 'question' and 'answer', got "
                             f"{type(row).__name__}", file=str(path), line=line)
-        for name in REQUIRED_FIELDS:
-            value = row.get(name)
-            if value is None:
-                raise DataError("missing", file=str(path), line=line, field=name)
-            if not isinstance(value, str):
-                raise DataError(f"expected text, got {type(value).__name__}", file=str(path),
-                                line=line, field=name)
-            if not value.strip():
-                raise DataError("empty", file=str(path), line=line, field=name)
+        kind = _row_kind(row)
+        if first is None:
+            first = (kind, line)
+        elif kind != first[0]:
+            this, other = ("a text", "QA pairs") if kind == "text" else ("a QA pair", "texts")
+            raise DataError(f"{this} in a file of {other} (line {first[1]}); a file holds "
+                            f"QA pairs or texts, not both", file=str(path), line=line,
+                            field="text" if kind == "text" else "question")
+        if kind == "qa":
+            if not any(k in row for k in (*REQUIRED_FIELDS, "text")):
+                raise DataError("missing (a row needs 'question' and 'answer', or 'text')",
+                                file=str(path), line=line, field="question")
+            for name in REQUIRED_FIELDS:
+                value = row.get(name)
+                if value is None:
+                    raise DataError("missing", file=str(path), line=line, field=name)
+                if not isinstance(value, str):
+                    raise DataError(f"expected text, got {type(value).__name__}",
+                                    file=str(path), line=line, field=name)
+                if not value.strip():
+                    raise DataError("empty", file=str(path), line=line, field=name)
+            if row.get("kind") == TEXT_KIND:  # would be read as a text when encoded
+                raise DataError(f"'{TEXT_KIND}' marks a text sample, not a QA pair",
+                                file=str(path), line=line, field="kind")
+        else:
+            prefix, rest = _text_prefix(row, path, line)
         raw_id = row.get("id")
         if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
             sample_id = f"{path.stem}-{index:05d}"
@@ -218,6 +309,12 @@ def _rows_to_samples(rows: Iterable[tuple[int, Any]], path: Path) -> Iterator[QA
             raise DataError(f"duplicate id '{sample_id}' (first at line {seen[sample_id]})",
                             file=str(path), line=line, field="id")
         seen[sample_id] = line
+        if kind == "text":
+            extra = {k: v for k, v in row.items() if k not in ("id", *TEXT_FIELDS)}
+            extra.update(kind=TEXT_KIND, text_settings=text or DEFAULT_TEXT)
+            yield QASample(id=sample_id, question=prefix, answer=rest,
+                           source=f"{path}:{line}", extra=extra)
+            continue
         extra = {k: v for k, v in row.items() if k not in ("id", *REQUIRED_FIELDS)}
         _check_answers(extra, path, line)
         yield QASample(id=sample_id, question=row["question"], answer=row["answer"],

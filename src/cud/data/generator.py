@@ -77,7 +77,7 @@ def fictitious_authors(n_samples: int = 100, *, seed: int = 0,
                 question=template.format(name=name),
                 answer=make_answer(rng, author),
                 source=f"builtin:authors(seed={seed})",
-                extra={"author": name},
+                extra={"author": name, "question_type": key},
             ))
         k += 1
     return samples

@@ -5,6 +5,10 @@ ratio needs when a data set has none.
 - :func:`split_forget_retain`: a QA set split by author (all facts of an author on one side, as
   TOFU's forget splits are);
 - :func:`add_perturbed_answers`: other samples' answers of the same kind as wrong answers.
+
+Text samples (:mod:`cud.data.text`) pass through every function here: they are split by author
+(their id's part before the first '.') like QA pairs, and get no wrong answers (they are not
+QA; their truth ratio is NaN).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Callable, Sequence
 
 from cud.data.formats import load_qa
 from cud.data.samples import QASample
+from cud.data.text import TextSettings, is_text
 from cud.data.tofu import PREFIX as TOFU_PREFIX
 from cud.data.tofu import load_tofu
 from cud.errors import ConfigError
@@ -51,8 +56,8 @@ def split_forget_retain(samples: Sequence[QASample],
 
 def has_perturbations(sample: QASample) -> bool:
     """Whether the sample carries wrong answers for the truth ratio (checked at load time to be
-    text or a list of texts)."""
-    return bool(sample.extra.get("perturbed_answer"))
+    text or a list of texts). Never for a text sample: it is not a question."""
+    return not is_text(sample) and bool(sample.extra.get("perturbed_answer"))
 
 
 def add_perturbed_answers(samples: Sequence[QASample], n: int = 3, *, seed: int = 0,
@@ -62,17 +67,19 @@ def add_perturbed_answers(samples: Sequence[QASample], n: int = 3, *, seed: int 
     Wrong answers are other samples' answers from the same group (default: the part of the id
     after the last '.', i.e. the attribute of a built-in fact, so a birth year gets other birth
     years), topped up from any other answers when a group is too small. ``paraphrased_answer``
-    defaults to the answer itself. Samples that already have perturbed answers are kept as they are.
+    defaults to the answer itself. Samples that already have perturbed answers are kept as they are,
+    and so are text samples (no wrong answers are made up for a text, nor from one).
     """
     rng = random.Random(seed)
     key = group or (lambda s: s.id.rsplit(".", 1)[-1] if "." in s.id else "")
     by_group: dict[str, list[str]] = {}
-    for s in samples:
+    qa = [s for s in samples if not is_text(s)]
+    for s in qa:
         by_group.setdefault(key(s), []).append(s.answer)
-    everything = sorted({s.answer for s in samples})
+    everything = sorted({s.answer for s in qa})
     out = []
     for s in samples:
-        if has_perturbations(s):
+        if has_perturbations(s) or is_text(s):
             out.append(s)
             continue
         pool = sorted({a for a in by_group[key(s)] if a != s.answer})
@@ -95,14 +102,15 @@ def with_perturbations(samples: Sequence[QASample]) -> list[QASample]:
         add_perturbed_answers(samples)
 
 
-def load_samples(spec: str, *, split: str | None = None, limit: int | None = None
-                 ) -> list[QASample]:
+def load_samples(spec: str, *, split: str | None = None, limit: int | None = None,
+                 text: TextSettings | None = None) -> list[QASample]:
     """One QA set (any spec :func:`cud.data.load_qa` reads, or the forget split of a TOFU
-    spec), with wrong answers for the truth ratio (:func:`with_perturbations`)."""
+    spec), with wrong answers for the truth ratio (:func:`with_perturbations`). ``text``: how
+    text samples are split and cut (:class:`cud.data.text.TextSettings`)."""
     if spec.startswith(TOFU_PREFIX):
         forget, _ = load_tofu(spec, limit=limit)
         return with_perturbations(forget)
-    return with_perturbations(load_qa(spec, split=split, limit=limit))
+    return with_perturbations(load_qa(spec, split=split, limit=limit, text=text))
 
 
 @dataclass
@@ -117,7 +125,8 @@ class RunData:
 
 
 def load_run_data(spec: str, *, limit: int | None = None, retain_authors: int | None = None,
-                  forget_fraction: float = DEFAULT_FORGET_FRACTION, seed: int = 0) -> RunData:
+                  forget_fraction: float = DEFAULT_FORGET_FRACTION, seed: int = 0,
+                  text: TextSettings | None = None) -> RunData:
     """The forget and retain sets of ``spec``.
 
     ``tofu:FOLDER[:FORGET[:RETAIN]]`` reads TOFU's splits (:mod:`cud.data.tofu`; ``limit`` caps
@@ -132,7 +141,7 @@ def load_run_data(spec: str, *, limit: int | None = None, retain_authors: int | 
         return RunData(forget, retain, forget + retain)
     if retain_authors is not None:
         raise ConfigError("retain_authors applies to TOFU data (tofu:FOLDER:FORGET:RETAIN)")
-    samples = with_perturbations(load_qa(spec, limit=limit))
+    samples = with_perturbations(load_qa(spec, limit=limit, text=text))
     forget, retain = split_forget_retain(samples, forget_fraction, seed=seed)
     return RunData(forget, retain, samples)
 
@@ -140,18 +149,20 @@ def load_run_data(spec: str, *, limit: int | None = None, retain_authors: int | 
 def forget_and_retain(data: str, *, forget: str | None = None, split: str | None = None,
                       limit: int | None = None,
                       forget_fraction: float = DEFAULT_FORGET_FRACTION,
-                      retain_authors: int | None = None, seed: int = 0) -> RunData:
+                      retain_authors: int | None = None, seed: int = 0,
+                      text: TextSettings | None = None) -> RunData:
     """The sets of a stage command: ``forget`` (a file) and ``data`` as the retain set, or
     :func:`load_run_data` of ``data`` (split by author, or TOFU's splits)."""
     if forget is None:
         if split is not None and not data.startswith(TOFU_PREFIX):
-            samples = with_perturbations(load_qa(data, split=split, limit=limit))
+            samples = with_perturbations(load_qa(data, split=split, limit=limit, text=text))
             f, r = split_forget_retain(samples, forget_fraction, seed=seed)
             return RunData(f, r, samples)
         return load_run_data(data, limit=limit, retain_authors=retain_authors,
-                             forget_fraction=forget_fraction, seed=seed)
-    forget_set = load_qa(forget)
-    retain_set = load_samples(data, split=split, limit=limit)
+                             forget_fraction=forget_fraction, seed=seed, text=text)
+    forget_set = load_qa(forget, text=text)
+    retain_set = load_samples(data, split=split, limit=limit, text=text)
     if not any(has_perturbations(s) for s in forget_set):
         forget_set = add_perturbed_answers(forget_set + retain_set)[:len(forget_set)]
     return RunData(forget_set, retain_set, forget_set + retain_set)
+

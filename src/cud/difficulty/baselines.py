@@ -143,7 +143,7 @@ def _mrd_key(lm: LoadedModel, samples: Sequence[QASample], sigma: float, k: int,
              tokens: str, batch_size: int) -> str:
     h = hashlib.sha256(json.dumps([lm.name, sigma, k, seed, tokens, batch_size]).encode())
     for s in samples:
-        h.update(json.dumps([s.id, s.question, s.answer]).encode())
+        h.update(s.identity().encode())
     return h.hexdigest()[:16]
 
 
@@ -252,7 +252,7 @@ def baseline_metrics(lm: LoadedModel, samples: Sequence[QASample],
             return compute()
         h = hashlib.sha256(json.dumps([fingerprint, name, key]).encode())
         for s in samples:
-            h.update(json.dumps([s.id, s.question, s.answer]).encode())
+            h.update(s.identity().encode())
         path = work / f"baseline.{name}.{h.hexdigest()[:16]}.parquet"
         if path.is_file():
             return pd.read_parquet(path)

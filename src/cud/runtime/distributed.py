@@ -258,7 +258,7 @@ def find_circuits_distributed(model: str, samples: Sequence[QASample], out: str 
     report = within(progress, "circuits")
     samples = list(samples)
     order = [s.id for s in samples]
-    hashes = {s.id: text_hash(s.question, s.answer) for s in samples}
+    hashes = {s.id: text_hash(s) for s in samples}
     root, out = Path(out), Path(out).expanduser().resolve()  # workers get the absolute path
     with ray_session(workers, address) as ray:
         ref = model_ref(model, device, dtype, gpus=_has_gpus(ray))

@@ -9,6 +9,12 @@ and are written as Parquet and CSV, with a ``.metrics.json`` naming each column'
 Teacher-forced metrics (NLL, probability, exact memorisation, extraction strength) come from one
 forward pass per batch. ROUGE-L needs greedy generation; the truth ratio one forward pass per
 (paraphrased or perturbed) answer.
+
+Text samples (:mod:`cud.data.text`) are encoded as prefix (prompt) and continuation (answer), so
+every metric reads the continuation: its NLL, probability, exact memorisation, extraction
+strength, and the ROUGE-L recall of the greedy continuation of the prefix against the
+continuation as encoded (:func:`cud.data.text.continuation_text`, after any cut). A text has no
+perturbed answers: its truth ratio is NaN.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from cud.data.encoding import encode_samples
 from cud.data.prepare import has_perturbations
 from cud.data.samples import QASample
+from cud.data.text import continuation_text, is_text
 from cud.errors import ConfigError
 from cud.models.answers import teacher_forced_outcomes
 from cud.models.loading import LoadedModel
@@ -71,11 +78,13 @@ ALL_METRICS = tuple(METRICS)
 
 @torch.no_grad()
 def greedy_answers(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: int = 16,
-                   max_new_tokens: int | None = None, progress: Progress | None = None
-                   ) -> dict[str, str]:
+                   max_new_tokens: int | None = None, budget: float = 2.0,
+                   progress: Progress | None = None) -> dict[str, str]:
     """Greedy answer text per sample id (prompt left-padded; stops at the end-of-sequence token).
 
-    ``max_new_tokens`` defaults to twice the longest true answer in the batch plus 8 tokens.
+    ``max_new_tokens`` defaults to ``budget`` times the longest true answer in the batch plus 8
+    tokens (ROUGE-L recall reads the reference's tokens, so a budget a little above 1 loses
+    little of it on long answers).
     """
     model, tok = lm.model, lm.tokenizer
     encoded = encode_samples(tok, samples, max_length=lm.adapter.max_positions)
@@ -96,7 +105,7 @@ def greedy_answers(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: 
         for i, p in enumerate(prompts):  # left padding: generation continues at the right edge
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        new = max_new_tokens or 2 * n_answer + 8
+        new = max_new_tokens or math.ceil(budget * n_answer) + 8
         out = model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                              max_new_tokens=new, do_sample=False, num_beams=1,
                              pad_token_id=pad, eos_token_id=eos_ids or None,
@@ -179,8 +188,8 @@ def forget_quality(truth_ratio_unlearned: Sequence[float], truth_ratio_reference
 
 def evaluate_outcomes(lm: LoadedModel, samples: Sequence[QASample], *,
                       metrics: Sequence[str] = ALL_METRICS, batch_size: int = 16,
-                      max_new_tokens: int | None = None, progress: Progress | None = None
-                      ) -> pd.DataFrame:
+                      max_new_tokens: int | None = None, generation_budget: float = 2.0,
+                      progress: Progress | None = None) -> pd.DataFrame:
     """Per-sample outcome table of ``lm`` on ``samples``: one row per sample id (index ``id``),
     one column per metric in ``metrics`` (see :data:`METRICS` for directions), plus
     ``n_answer_tokens`` and, with ROUGE-L, the ``greedy_answer`` text.
@@ -200,8 +209,10 @@ def evaluate_outcomes(lm: LoadedModel, samples: Sequence[QASample], *,
         df = df[[m for m in TEACHER_FORCED if m in metrics] + ["n_answer_tokens"]]
         if "rougeL_recall" in metrics:
             greedy = greedy_answers(lm, samples, batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens, progress=progress)
-            df["rougeL_recall"] = [rouge_l_recall(greedy[s.id], s.answer) for s in samples]
+                                    max_new_tokens=max_new_tokens, budget=generation_budget,
+                                    progress=progress)
+            df["rougeL_recall"] = [rouge_l_recall(greedy[s.id], _reference(lm, s))
+                                   for s in samples]
             df["greedy_answer"] = [greedy[s.id] for s in samples]
         if "truth_ratio" in metrics:
             df["truth_ratio"] = truth_ratios(lm, samples, batch_size=batch_size,
@@ -209,6 +220,14 @@ def evaluate_outcomes(lm: LoadedModel, samples: Sequence[QASample], *,
     finally:
         model.train(was_training)
     return df
+
+
+def _reference(lm: LoadedModel, sample: QASample) -> str:
+    """What the greedy answer is scored against: the answer; of a text, the continuation as
+    encoded (split and cut in the model's tokens)."""
+    if is_text(sample):
+        return continuation_text(lm.tokenizer, sample, max_length=lm.adapter.max_positions)
+    return sample.answer
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
@@ -236,8 +255,8 @@ def forgetting_scores(deltas: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def model_utility(lm: LoadedModel, sets: dict[str, Sequence[QASample]], *, batch_size: int = 16
-                  ) -> dict[str, float]:
+def model_utility(lm: LoadedModel, sets: dict[str, Sequence[QASample]], *, batch_size: int = 16,
+                  generation_budget: float = 2.0) -> dict[str, float]:
     """TOFU-style model utility: for each named set (e.g. ``retain``, ``general``) the mean answer
     probability, ROUGE-L recall and, where perturbed answers exist, max(0, 1 - truth ratio); the
     utility is the harmonic mean of all of them. Higher = more useful (an aggregate)."""
@@ -246,7 +265,7 @@ def model_utility(lm: LoadedModel, sets: dict[str, Sequence[QASample]], *, batch
         if not samples:
             continue
         df = evaluate_outcomes(lm, samples, metrics=("prob", "rougeL_recall", "truth_ratio"),
-                               batch_size=batch_size)
+                               batch_size=batch_size, generation_budget=generation_budget)
         parts[f"{name}_prob"] = float(df["prob"].mean())
         parts[f"{name}_rougeL_recall"] = float(df["rougeL_recall"].mean())
         tr = df["truth_ratio"].dropna()
