@@ -61,6 +61,7 @@ class FinetuneSettings:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     bf16: bool | None = None
+    group_by_length: bool = False
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -77,7 +78,8 @@ class FinetuneSettings:
         return TrainConfig(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
                            grad_accum=self.grad_accum, warmup=self.warmup,
                            schedule=self.schedule, weight_decay=self.weight_decay,
-                           max_grad_norm=self.max_grad_norm, seed=self.seed, bf16=self.bf16)
+                           max_grad_norm=self.max_grad_norm, seed=self.seed, bf16=self.bf16,
+                           group_by_length=self.group_by_length)
 
     def key_dict(self) -> dict:
         """The settings that decide the fine-tuned weights (the cache key's part)."""
@@ -124,7 +126,7 @@ def cache_key(model: str, samples: Sequence[QASample], settings: FinetuneSetting
     h.update(json.dumps({"version": CACHE_VERSION, "model": model_identity(model),
                          "config": settings.key_dict()}, sort_keys=True).encode())
     for s in samples:
-        h.update(json.dumps([s.id, s.question, s.answer]).encode())
+        h.update(s.identity().encode())
     return h.hexdigest()
 
 

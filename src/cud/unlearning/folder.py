@@ -32,6 +32,7 @@ from cud.data.samples import QASample
 from cud.errors import ConfigError, StoreError
 from cud.models.fingerprint import model_fingerprint
 from cud.models.loading import LoadedModel
+from cud.models.precision import matmul_precision
 from cud.progress import Progress
 from cud.unlearning.hyperparameters import DEFAULT_TABLE, TABLES, hyperparameters
 from cud.unlearning.methods import METHODS
@@ -47,9 +48,13 @@ class UnlearningSettings:
     """What the unlearning stage runs. ``hyperparameters`` names a table of
     :mod:`cud.unlearning.hyperparameters`; ``params`` (method hyperparameters, e.g.
     ``{"alpha": 2}``) and the training fields set to a value override it for every method
-    (a parameter a method does not have is ignored for that method). ``utility``: also measure
-    model utility (retain set and general knowledge) after each method. ``save_model``: keep
-    each unlearned model in the folder (does not change the results)."""
+    (a parameter a method does not have is ignored for that method). ``bf16``: matrix products
+    in bfloat16 for training and every evaluation (:mod:`cud.models.precision`).
+    ``utility``: also measure model utility (retain set and general knowledge) after each
+    method, on the first ``utility_samples`` retain samples (all when None).
+    ``eval_batch_size``: samples per evaluation pass; ``generation_budget``: greedy answers
+    stop after that many times the true answer's tokens, plus 8. ``save_model``: keep each
+    unlearned model in the folder (does not change the results)."""
 
     methods: tuple[str, ...] = ("graddiff", "npo")
     hyperparameters: str = DEFAULT_TABLE
@@ -60,9 +65,13 @@ class UnlearningSettings:
     batch_size: int | None = None
     grad_accum: int | None = None
     bf16: bool | None = None
+    group_by_length: bool = False
     eval_every: int | None = None
     threshold: float = DEFAULT_FORGET_THRESHOLD
     utility: bool = True
+    utility_samples: int | None = None
+    eval_batch_size: int = 16
+    generation_budget: float = 2.0
     seed: int = 0
     save_model: bool = False
 
@@ -95,14 +104,16 @@ class UnlearningSettings:
                                          max_steps=self.max_steps, batch_size=self.batch_size,
                                          grad_accum=self.grad_accum, bf16=self.bf16,
                                          eval_every=self.eval_every).items() if v is not None}
-        return replace(train, seed=self.seed, **changes)
+        return replace(train, seed=self.seed, group_by_length=self.group_by_length, **changes)
 
     def request(self, method: str) -> dict:
         """Everything that decides one method's outcomes (compared on resume)."""
         return {"method": method, "table": self.hyperparameters,
                 "hyperparameters": self.method_hyperparameters(method),
                 "train": self.train_config(method).to_dict(), "threshold": self.threshold,
-                "utility": self.utility}
+                "utility": self.utility, "utility_samples": self.utility_samples,
+                "eval_batch_size": self.eval_batch_size,
+                "generation_budget": self.generation_budget}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,7 +123,7 @@ def samples_hash(samples: Sequence[QASample]) -> str:
     """Identifies a set of samples: ids, questions and answers, in order."""
     h = hashlib.sha256()
     for s in samples:
-        h.update(json.dumps([s.id, s.question, s.answer]).encode())
+        h.update(s.identity().encode())
     return h.hexdigest()[:16]
 
 
@@ -173,7 +184,10 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
     if before_path.exists():
         before = _read(before_path)
     else:
-        before = evaluate_outcomes(lm, forget, progress=progress)
+        with matmul_precision(lm.device, settings.bf16):
+            before = evaluate_outcomes(lm, forget, batch_size=settings.eval_batch_size,
+                                       generation_budget=settings.generation_budget,
+                                       progress=progress)
         save_outcomes(before, root / "before")
     rows, deltas = [], {}
     for name in settings.methods:
@@ -210,11 +224,15 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
     def sink(frame, path=traj):
         frame.to_csv(path, mode="a", header=not path.exists(), index=False)
 
-    result = unlearn(lm, forget, retain, method=name, hyperparameter_table=settings.hyperparameters,
-                     hyperparameters=settings.method_hyperparameters(name),
-                     train_config=settings.train_config(name), eval_every=settings.eval_every,
-                     forget_threshold=settings.threshold, before=before,
-                     evaluate_retain=bool(retain), trajectory_sink=sink, progress=progress)
+    with matmul_precision(lm.device, settings.bf16):
+        result = unlearn(lm, forget, retain, method=name,
+                         hyperparameter_table=settings.hyperparameters,
+                         hyperparameters=settings.method_hyperparameters(name),
+                         train_config=settings.train_config(name),
+                         eval_every=settings.eval_every, forget_threshold=settings.threshold,
+                         before=before, evaluate_retain=bool(retain), trajectory_sink=sink,
+                         batch_size=settings.eval_batch_size,
+                         generation_budget=settings.generation_budget, progress=progress)
     table = result.per_sample()
     save_outcomes(table, folder / "outcomes")
     save_outcomes(result.after, folder / "after")
@@ -226,8 +244,11 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
     if settings.utility:
         sets = {"general": general_knowledge()}
         if retain:
-            sets["retain"] = retain
-        stored["utility"] = model_utility(result.model, sets)
+            sets["retain"] = retain[:settings.utility_samples]
+        with matmul_precision(lm.device, settings.bf16):
+            stored["utility"] = model_utility(result.model, sets,
+                                              batch_size=settings.eval_batch_size,
+                                              generation_budget=settings.generation_budget)
     if settings.save_model:
         from cud.unlearning.finetune import save_hf_folder
         save_hf_folder(result.model.model, result.model.tokenizer, folder / "model")

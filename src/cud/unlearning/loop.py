@@ -44,6 +44,9 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | None = None     # autocast to bf16; None: on GPU yes, on CPU no
     eval_every: int | None = None  # evaluate every k optimizer steps (None: before and after only)
+    #: micro-batches of samples of similar length (less padding): each pass over the data is
+    #: shuffled, cut into windows of 16 micro-batches, each window sorted by length
+    group_by_length: bool = False
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -94,17 +97,35 @@ class TrainLog:
 
 
 class _Cycle:
-    """Endless seeded walk through shuffled items, reshuffled at each pass."""
+    """Endless seeded walk through shuffled items, reshuffled at each pass. With
+    ``group_by_length``, each pass is shuffled, cut into windows of 16 micro-batches of ``n``
+    and sorted by length within a window (the micro-batches then taken in a shuffled order):
+    batches of similar lengths, so little padding, at the same randomness per pass."""
 
-    def __init__(self, items: Sequence, rng: random.Random):
+    WINDOW = 16
+
+    def __init__(self, items: Sequence, rng: random.Random, group_by_length: bool = False):
         self.items, self.rng, self.order = list(items), rng, []
+        self.group = group_by_length
+
+    def _refill(self, n: int) -> None:
+        order = list(range(len(self.items)))
+        self.rng.shuffle(order)
+        if self.group:
+            size = n * self.WINDOW
+            grouped = []
+            for start in range(0, len(order), size):
+                window = sorted(order[start:start + size], key=lambda i: len(self.items[i]))
+                grouped += [window[k:k + n] for k in range(0, len(window), n)]
+            self.rng.shuffle(grouped)
+            order = [i for chunk in grouped for i in chunk][::-1]  # popped from the end
+        self.order = order
 
     def take(self, n: int) -> list:
         out = []
         while len(out) < n:
             if not self.order:
-                self.order = list(range(len(self.items)))
-                self.rng.shuffle(self.order)
+                self._refill(n)
             out.append(self.items[self.order.pop()])
         return out
 
@@ -143,8 +164,9 @@ def train(model: torch.nn.Module, objective: Objective, forget: Sequence[Encoded
 
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    forget_walk = _Cycle(forget, random.Random(rng.random()))
-    retain_walk = _Cycle(retain, random.Random(rng.random())) if retain else None
+    forget_walk = _Cycle(forget, random.Random(rng.random()), config.group_by_length)
+    retain_walk = _Cycle(retain, random.Random(rng.random()), config.group_by_length) \
+        if retain else None
     log = TrainLog(total_steps=total)
     start = time.perf_counter()
 
@@ -165,7 +187,10 @@ def train(model: torch.nn.Module, objective: Objective, forget: Sequence[Encoded
                                   pad_token_id).to(device)
                 r_batch = collate(retain_walk.take(config.batch_size), pad_token_id).to(device) \
                     if retain_walk else None
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                # no weight cache: inside an outer autocast block it would outlive the step
+                # and feed every later step the weights of the first (cud.models.precision)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16,
+                                    cache_enabled=False):
                     loss, logs = objective(model, f_batch, r_batch)
                 (loss / config.grad_accum).backward()
                 loss_sum += float(loss.detach()) / config.grad_accum

@@ -83,6 +83,7 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
             hyperparameters: dict | None = None, train_config: TrainConfig | None = None,
             eval_every: int | None = None, metrics: Sequence[str] = ALL_METRICS,
             forget_threshold: float = DEFAULT_FORGET_THRESHOLD, batch_size: int = 16,
+            generation_budget: float = 2.0,
             in_place: bool = False, before: pd.DataFrame | None = None,
             evaluate_retain: bool = False,
             progress: Progress | None = None,
@@ -115,7 +116,8 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
         raise ConfigError(f"method '{unlearning.name}' uses a retain set; give one (or alpha=0)")
 
     if before is None:
-        before = evaluate_outcomes(lm, forget, metrics=metrics, batch_size=batch_size)
+        before = evaluate_outcomes(lm, forget, metrics=metrics, batch_size=batch_size,
+                                   generation_budget=generation_budget)
     retain_before = evaluate_outcomes(lm, retain, metrics=("nll", "prob", "exact_mem"),
                                       batch_size=batch_size) \
         if evaluate_retain and retain else None
@@ -150,7 +152,8 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
     del reference
     unlearning.reference = None
 
-    after = evaluate_outcomes(work, forget, metrics=metrics, batch_size=batch_size)
+    after = evaluate_outcomes(work, forget, metrics=metrics, batch_size=batch_size,
+                              generation_budget=generation_budget)
     retain_after = evaluate_outcomes(work, retain, metrics=("nll", "prob", "exact_mem"),
                                      batch_size=batch_size) \
         if evaluate_retain and retain else None
