@@ -26,7 +26,7 @@ default to CUDA + bf16 when present, else CPU + fp32.
 
 Usage: python bench/attribution.py [--n-samples 32] [--batch-size 16] [--steps 5]
        [--single-samples 8] [--model smollm2 | --config llama-3.2-1b] [--device cuda]
-       [--dtype bfloat16] [--threads N] [--method eap-ig-activations] [--baseline corrupt]
+       [--dtype bfloat16] [--threads N] [--method eap-ig-activations] [--ablation corrupt] [--draws 4]
        python bench/attribution.py --n-samples 100      # the 100-sample end-to-end figure
 Prints seconds, peak memory and ratios; never asserted in tests.
 """
@@ -40,6 +40,8 @@ import time
 from contextlib import contextmanager
 
 import torch
+
+from cud.circuits.settings import CircuitSettings
 
 #: Random-weight model shapes for --config (Hugging Face LlamaConfig arguments).
 CONFIGS = {
@@ -173,12 +175,14 @@ def end_to_end(lm, runner, bs, baseline, settings, selection, meter, memory=None
     faith = []
     for batch in bs:
         with meter.measure(stats["attribute"], memory):
-            att = attribute(runner, batch, baseline, settings)
+            z_base = baseline.for_batch(runner, batch, token_input=settings.reference)
+            att = attribute(runner, batch, baseline, settings, z_base=z_base)
         with meter.measure(stats["select"], memory):
             circuits = select(runner.graph, att.edge_scores, selection)
         with meter.measure(stats["faithfulness"], memory):
             f = faithfulness(runner, batch, circuits, baseline, settings.metric,
-                             clean_logprob=att.clean_logprob)
+                             clean_logprob=att.clean_logprob, z_base=z_base,
+                             token_input=settings.reference)
         faith.append(f.faithfulness)
     return stats, torch.cat(faith)
 
@@ -245,12 +249,18 @@ def main() -> None:
                         "CPU, bf16 on GPU)")
     parser.add_argument("--n-samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5, help="integration steps of EAP-IG")
-    parser.add_argument("--n-edges", type=int, default=75, help="greedy circuit size")
+    parser.add_argument("--steps", type=int, default=CircuitSettings.steps,
+                        help="integration steps of EAP-IG")
+    parser.add_argument("--n-edges", type=int, default=CircuitSettings.n_edges,
+                        help="greedy circuit size (default: cud circuits')")
     parser.add_argument("--method", default="eap-ig-activations",
                         help="attribution method (default eap-ig-activations)")
-    parser.add_argument("--baseline", default="corrupt", choices=["corrupt", "zero"],
-                        help="baseline activations (default corrupt, as cud circuits)")
+    parser.add_argument("--ablation", default="corrupt", choices=["corrupt", "zero"],
+                        help="what a patched edge carries (default corrupt, as cud circuits)")
+    parser.add_argument("--draws", type=int, default=CircuitSettings.draws,
+                        help="corrupted prompts averaged per sample (default: cud circuits')")
+    parser.add_argument("--convention", default="cud", choices=["cud", "reference"],
+                        help="attribution convention (README)")
     parser.add_argument("--single-samples", type=int, default=8,
                         help="samples run one at a time for the batched-vs-single figure (0: skip)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare-pass comparison")
@@ -286,11 +296,13 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} at start, freed memory "
           f"{'kept' if retained else 'given back'}")
 
-    settings = AttributionSettings(method=args.method, steps=args.steps, metric="kl")
+    settings = AttributionSettings(method=args.method, steps=args.steps, metric="kl",
+                                   convention=args.convention)
     selection = SelectionSettings(selection="greedy", n_edges=args.n_edges)
-    baseline = make_ablation(args.baseline, tokenizer=lm.tokenizer)
+    baseline = make_ablation(args.ablation, tokenizer=lm.tokenizer, draws=args.draws)
     n_passes = settings.n_passes(g.n_layers)
-    forwards = 1 if args.baseline == "corrupt" else 0  # the corrupted run's recorded outputs
+    # the corrupted runs' recorded outputs
+    forwards = args.draws if args.ablation == "corrupt" else 0
 
     t = time.perf_counter()
     samples = load_qa(f"builtin:{args.n_samples}")
@@ -302,7 +314,7 @@ def main() -> None:
           f"{len(bs)} batches of up to {args.batch_size} (padded length "
           f"{min(b.input_ids.shape[1] for b in bs)}-{max(b.input_ids.shape[1] for b in bs)})")
     print(f"method {settings.method}, {settings.steps} steps, metric {settings.metric}, "
-          f"{args.baseline} baseline, greedy {args.n_edges} edges + faithfulness\n")
+          f"{args.ablation} ablation ({args.draws} draws), greedy {args.n_edges} edges + faithfulness\n")
 
     # warm-up: first calls pay for lazy initialisation (kernels, allocator, thread pools)
     attribute(runner, bs[0], baseline, AttributionSettings(steps=1))

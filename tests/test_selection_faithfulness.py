@@ -14,7 +14,7 @@ from cud.circuits.ablation import make_ablation
 from cud.circuits.faithfulness import faithfulness
 from cud.circuits.graph import Graph
 from cud.circuits.runner import ResidualRunner
-from cud.circuits.selection import SelectionSettings, greedy, prune, select
+from cud.circuits.selection import SelectionSettings, greedy, greedy_stepwise, prune, select
 from cud.data import collate, encode_samples
 from cud.errors import ConfigError
 
@@ -104,6 +104,20 @@ def test_greedy_grows_exactly_n_edges_from_logits(graph, seed, n):
         reach = nodes_reaching_logits(g, chosen)
         assert all(child_node(g, e) in reach for e in chosen), "an edge does not reach logits"
     assert torch.equal(select(g, scores, SelectionSettings("greedy", n)), circuits)
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+@pytest.mark.parametrize("window", [1, 3, 64])
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 400), ties=st.booleans())
+def test_greedy_in_runs_equals_one_edge_at_a_time(graph, window, seed, n, ties):
+    """Taking runs of edges per round is the same greedy as one edge per round, ties (broken
+    by edge index) included, whatever the run length."""
+    g = GRAPHS[graph]
+    scores = random_scores(seed, 4, g)
+    if ties:
+        scores = torch.round(scores * 2) / 2
+    assert torch.equal(greedy(g, scores, n, window=window), greedy_stepwise(g, scores, n))
 
 
 def test_greedy_frontier_parents_need_not_reach_input():

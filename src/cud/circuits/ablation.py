@@ -27,18 +27,21 @@ ABLATIONS = ("zero", "mean", "corrupt")
 
 
 class Ablation:
-    """Gives z' for a batch: a tensor broadcastable to (B, T, F, d)."""
+    """Gives z' for a batch: a tensor broadcastable to (B, T, F, d). ``token_input``: the
+    ``input`` node is the token embedding alone (the reference convention), not token +
+    position embeddings."""
 
     name = ""
 
-    def for_batch(self, runner: ResidualRunner, batch: Batch) -> Tensor:
+    def for_batch(self, runner: ResidualRunner, batch: Batch, token_input: bool = False
+                  ) -> Tensor:
         raise NotImplementedError
 
 
 class ZeroAblation(Ablation):
     name = "zero"
 
-    def for_batch(self, runner, batch):
+    def for_batch(self, runner, batch, token_input=False):
         g, a = runner.graph, runner.adapter
         p = next(a.model.parameters())
         return torch.zeros(1, 1, g.n_forward, a.d_model, dtype=p.dtype, device=p.device)
@@ -47,11 +50,13 @@ class ZeroAblation(Ablation):
 class MeanAblation(Ablation):
     name = "mean"
 
-    def __init__(self, mean: Tensor):
+    def __init__(self, mean: Tensor, token_input: bool = False):
         self.mean = mean  # (F, d)
+        self.token_input = token_input
 
     @classmethod
-    def fit(cls, runner: ResidualRunner, reference: Iterable[Batch]) -> "MeanAblation":
+    def fit(cls, runner: ResidualRunner, reference: Iterable[Batch], token_input: bool = False
+            ) -> "MeanAblation":
         """Mean node outputs over every real token of the ``reference`` batches."""
         total, count = None, 0
         device = next(runner.adapter.model.parameters()).device
@@ -59,15 +64,19 @@ class MeanAblation(Ablation):
             for batch in reference:
                 batch = batch.to(device)
                 out = runner.run(batch.input_ids, batch.attention_mask, record=True,
-                                 logit_mask=torch.zeros_like(batch.attention_mask)).outputs
+                                 logit_mask=torch.zeros_like(batch.attention_mask),
+                                 token_input=token_input).outputs
                 real = out[batch.attention_mask].double()  # (N, F, d)
                 total = real.sum(0) if total is None else total + real.sum(0)
                 count += real.shape[0]
         if not count:
             raise ConfigError("the mean ablation needs a non-empty reference set")
-        return cls((total / count).to(out.dtype))
+        return cls((total / count).to(out.dtype), token_input)
 
-    def for_batch(self, runner, batch):
+    def for_batch(self, runner, batch, token_input=False):
+        if token_input != self.token_input:
+            raise ConfigError("this mean ablation was fitted for the other convention of the "
+                              "input node")
         return self.mean[None, None]
 
 
@@ -113,14 +122,15 @@ class CorruptAblation(Ablation):
         self.special_ids = list(getattr(tokenizer, "all_special_ids", []) or [])
         self.seed, self.draws = seed, draws
 
-    def for_batch(self, runner, batch):
+    def for_batch(self, runner, batch, token_input=False):
         vocab = min(self.vocab_size, runner.adapter.model.get_input_embeddings().weight.shape[0])
         total = None
         with torch.no_grad():
             for draw in range(self.draws):
                 ids = corrupt_input_ids(batch, vocab, self.special_ids, self.seed, draw)
                 out = runner.run(ids, batch.attention_mask, record=True,
-                                 logit_mask=torch.zeros_like(batch.attention_mask)).outputs
+                                 logit_mask=torch.zeros_like(batch.attention_mask),
+                                 token_input=token_input).outputs
                 if self.draws == 1:
                     return out
                 total = out.float() if total is None else total.add_(out)
@@ -128,8 +138,8 @@ class CorruptAblation(Ablation):
 
 
 def make_ablation(name: str, *, tokenizer=None, runner: ResidualRunner | None = None,
-                  reference: Iterable[Batch] | None = None, seed: int = 0, draws: int = 1
-                  ) -> Ablation:
+                  reference: Iterable[Batch] | None = None, seed: int = 0, draws: int = 1,
+                  token_input: bool = False) -> Ablation:
     if name == "zero":
         return ZeroAblation()
     if name == "corrupt":
@@ -139,5 +149,5 @@ def make_ablation(name: str, *, tokenizer=None, runner: ResidualRunner | None = 
     if name == "mean":
         if reference is None or runner is None:
             raise ConfigError("the mean ablation needs a reference set (e.g. --reference retain.json)")
-        return MeanAblation.fit(runner, reference)
+        return MeanAblation.fit(runner, reference, token_input)
     raise ConfigError(f"unknown ablation '{name}' (choose from {', '.join(ABLATIONS)})")

@@ -30,19 +30,20 @@ class Faithfulness:
 
 
 def patched_metric(runner: ResidualRunner, batch: Batch, keep_edges: Tensor, z_base: Tensor,
-                   metric: str, targets: AnswerTargets, clean_logprob: Tensor) -> Tensor:
+                   metric: str, targets: AnswerTargets, clean_logprob: Tensor, *,
+                   token_input: bool = False) -> Tensor:
     """Per-sample metric with edges kept where ``keep_edges`` (B or 1, E) is 1, patched elsewhere."""
     keep = runner.graph.to_matrix(keep_edges.to(z_base.dtype))
     with torch.no_grad():
         run = runner.run(batch.input_ids, batch.attention_mask, logit_mask=targets.positions,
-                         patch=EdgePatch(keep=keep, baseline=z_base))
+                         patch=EdgePatch(keep=keep, baseline=z_base), token_input=token_input)
         return metric_value(metric, targets.mean_logprob(run.logits), clean_logprob)
 
 
 def faithfulness(runner: ResidualRunner, batch: Batch, circuits: Tensor,
                  ablation: Ablation, metric: str = "kl",
-                 clean_logprob: Tensor | None = None, z_base: Tensor | None = None
-                 ) -> Faithfulness:
+                 clean_logprob: Tensor | None = None, z_base: Tensor | None = None,
+                 token_input: bool = False) -> Faithfulness:
     """Faithfulness of each sample's circuit. ``circuits``: (B, n_edges) bool (or float in [0,1]).
     ``clean_logprob``: the batch's clean mean answer log-probabilities (B,) when already known
     (:class:`~cud.circuits.attribution.Attribution` has them), else a clean run computes them.
@@ -58,11 +59,13 @@ def faithfulness(runner: ResidualRunner, batch: Batch, circuits: Tensor,
             clean_logprob = targets.mean_logprob(clean.logits)
         clean_logprob = clean_logprob.to(device)
         if z_base is None:
-            z_base = ablation.for_batch(runner, batch)
+            z_base = ablation.for_batch(runner, batch, token_input=token_input)
         m_clean = metric_value(metric, clean_logprob, clean_logprob)
         empty = torch.zeros(1, runner.graph.n_edges, device=device)
-        m_base = patched_metric(runner, batch, empty, z_base, metric, targets, clean_logprob)
-        m_circ = patched_metric(runner, batch, circuits, z_base, metric, targets, clean_logprob)
+        m_base = patched_metric(runner, batch, empty, z_base, metric, targets, clean_logprob,
+                                token_input=token_input)
+        m_circ = patched_metric(runner, batch, circuits, z_base, metric, targets, clean_logprob,
+                                token_input=token_input)
     denom = m_clean - m_base
     safe = torch.where(denom.abs() > 1e-12, denom, torch.ones_like(denom))
     faith = torch.where(denom.abs() > 1e-12, (m_circ - m_base) / safe,

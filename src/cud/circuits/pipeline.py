@@ -10,7 +10,7 @@ of the run instead of failing.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Collection, Sequence
 
@@ -92,7 +92,8 @@ def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
     report = within(progress, "circuits")
 
     encoded = encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
-    hashes = {s.id: text_hash(s.question, s.answer) for s in samples}
+    hashes = {s.id: text_hash(s) for s in samples}
+    types = {s.id: str(s.extra.get("question_type", "")) for s in samples}
     plan = batches(encoded, batch_size, lm.pad_token_id)  # the uninterrupted run's batches
     if only_batches is not None:
         wanted = set(only_batches)
@@ -114,7 +115,7 @@ def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
             sub = batch if len(todo) == len(batch.ids) else \
                 collate([by_id[i] for i in todo], lm.pad_token_id)
             batch_size = _process(lm, runner, store, sub, [by_id[i] for i in todo], ablation,
-                                  settings, hashes, batch_size, export_json)
+                                  settings, hashes, batch_size, export_json, types)
             computed += len(todo)
             n_done += len(todo)
             report(n_done, total, "")
@@ -137,15 +138,17 @@ def _ablation(lm: LoadedModel, runner: ResidualRunner, settings: CircuitSettings
         ref_batches = [b.to(lm.device) for b in batches(ref_enc, settings.batch_size,
                                                          lm.pad_token_id)]
     return make_ablation(settings.ablation, tokenizer=lm.tokenizer, runner=runner,
-                         reference=ref_batches, seed=settings.seed, draws=settings.draws)
+                         reference=ref_batches, seed=settings.seed, draws=settings.draws,
+                         token_input=settings.attribution.reference)
 
 
 def _process(lm, runner, store, batch: Batch, encoded: list[EncodedSample], ablation,
-             settings: CircuitSettings, hashes: dict, batch_size: int, export_json: bool) -> int:
+             settings: CircuitSettings, hashes: dict, batch_size: int, export_json: bool,
+             types: dict) -> int:
     """Compute and commit one batch; on out-of-memory split it. Returns the batch size to use."""
     try:
         _compute_and_write(lm, runner, store, batch, encoded, ablation, settings, hashes,
-                           export_json)
+                           export_json, types)
         return batch_size
     except OOM_ERRORS:
         if len(batch) == 1:
@@ -158,16 +161,18 @@ def _process(lm, runner, store, batch: Batch, encoded: list[EncodedSample], abla
         for part in (encoded[:half], encoded[half:]):
             sub = collate(part, lm.pad_token_id)
             batch_size = _process(lm, runner, store, sub, part, ablation, settings, hashes,
-                                  min(batch_size, half), export_json)
+                                  min(batch_size, half), export_json, types)
         return min(batch_size, half)
 
 
 def _compute_and_write(lm, runner, store: CircuitStore, batch: Batch,
                        encoded: list[EncodedSample], ablation: Ablation,
-                       settings: CircuitSettings, hashes: dict, export_json: bool) -> None:
+                       settings: CircuitSettings, hashes: dict, export_json: bool,
+                       types: dict) -> None:
     batch = batch.to(lm.device)
+    token_input = settings.attribution.reference
     with torch.no_grad():  # once per batch: attribution and faithfulness share it
-        z_base = ablation.for_batch(runner, batch)
+        z_base = ablation.for_batch(runner, batch, token_input=token_input)
     att = attribute(runner, batch, ablation, settings.attribution, z_base=z_base)
     finite = torch.isfinite(att.edge_scores).all(dim=1)
     if not bool(finite.all()):
@@ -176,17 +181,27 @@ def _compute_and_write(lm, runner, store: CircuitStore, batch: Batch,
                              f"(overflow in {lm.dtype}?); try --dtype float32. Results of "
                              f"earlier batches are kept")
     circuits = select(runner.graph, att.edge_scores, settings.selector)
-    rows = [{"text_hash": hashes[e.id], "n_tokens": len(e), "n_answer_tokens": sum(e.answer_mask),
+    rows = [{"text_hash": hashes[e.id], "question_type": types.get(e.id, ""),
+             "n_tokens": len(e), "n_answer_tokens": sum(e.answer_mask),
              "clean_logprob": float(lp), "circuit_edges": int(c.sum()),
              "score_abs_sum": float(s.abs().sum())}
             for e, lp, c, s in zip(encoded, att.clean_logprob, circuits, att.edge_scores)]
     if settings.faithfulness:
         f = faithfulness(runner, batch, circuits, ablation, settings.metric,
-                         clean_logprob=att.clean_logprob, z_base=z_base)
+                         clean_logprob=att.clean_logprob, z_base=z_base,
+                         token_input=token_input)
         for k, row in enumerate(rows):
             row.update(faithfulness=float(f.faithfulness[k]), metric_clean=float(f.metric_clean[k]),
                        metric_circuit=float(f.metric_circuit[k]),
                        metric_baseline=float(f.metric_baseline[k]))
+        for n in settings.faithfulness_sizes:
+            at_n = select(runner.graph, att.edge_scores,
+                          replace(settings.selector, selection="greedy", n_edges=n))
+            fn = faithfulness(runner, batch, at_n, ablation, settings.metric,
+                              clean_logprob=att.clean_logprob, z_base=z_base,
+                              token_input=token_input)
+            for k, row in enumerate(rows):
+                row[f"faithfulness_{n}"] = float(fn.faithfulness[k])
     if export_json:
         folder = store.root / "json"
         folder.mkdir(exist_ok=True)

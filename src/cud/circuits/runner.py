@@ -54,6 +54,9 @@ class Interpolation:
     alpha: float
     input_only: bool = False
     group: tuple[int, int] | None = None
+    #: the gradient flows through the moved nodes' own computation (cud's convention); False:
+    #: their outputs are replaced by constants, the reference code's
+    straight_through: bool = True
     #: (baseline sum, clean sum - baseline sum) of node groups; shared by :meth:`at`'s copies
     _sums: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -191,16 +194,19 @@ class ResidualRunner:
 
     def run(self, input_ids: Tensor, attention_mask: Tensor, *, logit_mask: Tensor | None = None,
             record: bool = False, patch: EdgePatch | None = None,
-            interpolation: Interpolation | None = None, capture: bool = False) -> RunOutput:
+            interpolation: Interpolation | None = None, capture: bool = False,
+            token_input: bool = False) -> RunOutput:
         """Forward pass. ``logit_mask`` (B, T) bool picks the positions whose logits are
-        computed (all positions when None: logits then have shape (B, T, vocab))."""
+        computed (all positions when None: logits then have shape (B, T, vocab)).
+        ``token_input``: the ``input`` node is the token embedding alone and a model's position
+        embeddings a constant of the stream (the reference convention)."""
         if patch is not None and torch.is_grad_enabled():
             raise RuntimeError("edge patching is for evaluation; run it under torch.no_grad()")
         if capture and patch is not None:
             raise ValueError("capture is for gradient passes, not patched ones")
         one = _Pass(self, input_ids, attention_mask, record=record, patch=patch,
                     interpolation=interpolation, capture=capture)
-        one.embed(input_ids)
+        one.embed(input_ids, token_input)
         for layer in range(self.adapter.n_layers):
             attn_out, base_attn = one.attention(layer)
             one.mlp(layer, attn_out, base_attn)
@@ -248,6 +254,8 @@ class _Pass:
         if is_input and path.input_only:
             # nothing upstream of the input: the gradient starts here
             return target.requires_grad_()
+        if not path.straight_through:
+            return target.detach()
         return z + (target - z).detach()
 
     def emit(self, z: Tensor, f0: int) -> Tensor | None:
@@ -258,10 +266,18 @@ class _Pass:
         return self.patcher.add(z, f0) if self.patcher is not None else None
 
     # the layers -----------------------------------------------------------------------------
-    def embed(self, input_ids: Tensor) -> None:
-        z_in = self.interpolate(self.a.embed(input_ids), 0, 1, True)
-        self.base = self.emit(z_in[:, :, None], 0)
-        self.resid = z_in
+    def embed(self, input_ids: Tensor, token_input: bool = False) -> None:
+        positions = self.a.position_embedding(input_ids) if token_input else None
+        if positions is None:
+            z_in = self.interpolate(self.a.embed(input_ids), 0, 1, True)
+            self.base = self.emit(z_in[:, :, None], 0)
+            self.resid = z_in
+            return
+        # the input node is the token embedding; the positions a constant every edge carries
+        z_in = self.interpolate(self.a.embed_tokens(input_ids), 0, 1, True)
+        base = self.emit(z_in[:, :, None], 0)
+        self.base = None if base is None else base + positions
+        self.resid = z_in + positions
 
     def attention(self, layer: int) -> tuple[Tensor, Tensor | None]:
         """(the attention's output added to the stream, its all-patched counterpart or None),

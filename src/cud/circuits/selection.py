@@ -60,8 +60,82 @@ def _node_incoming(graph: Graph) -> Tensor:
     return cache["node_incoming"]
 
 
-def greedy(graph: Graph, edge_scores: Tensor, n_edges: int) -> Tensor:
-    """(B, E) scores -> (B, E) bool circuits grown from ``logits`` by highest |score|."""
+def _child_node(graph: Graph) -> Tensor:
+    """(E,) the forward node whose input each edge ends in; ``logits`` is ``n_forward``."""
+    cache = graph._cache
+    if "child_node" not in cache:
+        owner = torch.as_tensor(graph.backward_owner)[torch.as_tensor(graph.edge_child)]
+        cache["child_node"] = torch.where(owner < 0, graph.n_forward, owner)
+    return cache["child_node"]
+
+
+def greedy(graph: Graph, edge_scores: Tensor, n_edges: int, *, window: int = 64) -> Tensor:
+    """(B, E) scores -> (B, E) bool circuits grown from ``logits`` by highest |score|.
+
+    The same circuits as adding one edge at a time (:func:`greedy_stepwise`), several edges per
+    round: the open edges are visited in decreasing |score| (ties by edge index, as argmax
+    breaks them), and a run of the ``window`` best ones is taken at once as long as none of the
+    nodes it brings in has an incoming edge scoring at least as high as the next edge of the
+    run (such an edge would have been chosen first). Far fewer rounds than edges for large
+    circuits."""
+    b, e = edge_scores.shape
+    device = edge_scores.device
+    f = graph.n_forward
+    incoming = _node_incoming(graph).to(device)                      # (F + 1, E)
+    parent = torch.as_tensor(graph.edge_parent, device=device)
+    child_node = _child_node(graph).to(device)                       # (E,) owner, logits = F
+    magnitude = edge_scores.abs().float()
+    order = torch.argsort(-magnitude, dim=1, stable=True)           # (B, E)
+    sorted_mag = magnitude.gather(1, order)
+    # the best incoming |score| of every node: what a node joining the circuit makes open
+    best_in = torch.full((b, f + 1), -1.0, device=device).scatter_reduce_(
+        1, child_node.expand(b, e), magnitude, "amax")
+    chosen = torch.zeros(b, e, dtype=torch.bool, device=device)
+    in_circuit = torch.zeros(b, f + 1, dtype=torch.bool, device=device)
+    in_circuit[:, f] = True
+    open_ = incoming[f].expand(b, e).clone()
+    count = torch.zeros(b, dtype=torch.long, device=device)
+    target = min(n_edges, e)
+    arange = torch.arange(e, device=device)
+    while True:
+        active = (count < target) & open_.any(1)
+        if not active.any():
+            break
+        # the first `window` open edges of each row, in decreasing |score|
+        open_sorted = open_.gather(1, order)
+        pos = torch.where(open_sorted, arange, e).topk(min(window, e), dim=1, largest=False)
+        pos = pos.values                                             # (B, W), e = none
+        valid = (pos < e) & active[:, None]
+        cand = order.gather(1, pos.clamp(max=e - 1))
+        score = sorted_mag.gather(1, pos.clamp(max=e - 1))
+        par = parent[cand]                                           # (B, W)
+        joins = ~in_circuit.gather(1, par)
+        earlier = (par[:, :, None] == par[:, None, :]).tril(-1).any(2)   # parent seen before
+        threat = torch.where(joins & ~earlier & valid, best_in.gather(1, par),
+                             torch.full_like(score, -1.0))
+        before = torch.cat([torch.full_like(threat[:, :1], -1.0),
+                            threat.cummax(1).values[:, :-1]], 1)
+        ok = valid & (score > before)
+        ok[:, 0] = valid[:, 0]
+        ok = ok.cumprod(1).bool()
+        ok &= torch.arange(ok.shape[1], device=device)[None] < (target - count)[:, None]
+        take_rows, take_cols = ok.nonzero(as_tuple=True)
+        edges = cand[take_rows, take_cols]
+        chosen[take_rows, edges] = True
+        count += ok.sum(1)
+        new_nodes = par[take_rows, take_cols]
+        fresh = ~in_circuit[take_rows, new_nodes]
+        in_circuit[take_rows, new_nodes] = True
+        if fresh.any():
+            opened = torch.zeros(b, e, device=device).index_add_(
+                0, take_rows[fresh], incoming[new_nodes[fresh]].float())
+            open_ |= opened > 0
+        open_ &= ~chosen
+    return chosen
+
+
+def greedy_stepwise(graph: Graph, edge_scores: Tensor, n_edges: int) -> Tensor:
+    """:func:`greedy` one edge at a time (the definition; n rounds over the whole graph)."""
     b, e = edge_scores.shape
     incoming = _node_incoming(graph).to(edge_scores.device)
     parent = torch.as_tensor(graph.edge_parent, device=edge_scores.device)

@@ -8,7 +8,7 @@ import typer
 
 from cud.circuits.settings import CircuitSettings
 from cud.cli.app import command, console
-from cud.cli.common import load
+from cud.cli.common import load, say_text_cuts
 from cud.cli.options import default, out_folder, settings_from
 from cud.cli.render import progress_bars
 from cud.errors import ConfigError
@@ -39,6 +39,11 @@ def circuits(
     draws: Optional[int] = typer.Option(None, help="Corrupted prompts averaged per sample "
                                                    f"{default(D, 'draws')}."),
     reference: Optional[str] = typer.Option(None, help="Reference QA data of the mean ablation."),
+    convention: Optional[str] = typer.Option(None, help="cud (input path from the corrupted "
+                                                        "prompt, m+1 points) or reference "
+                                                        "(hannamw/EAP-IG exactly: m points, "
+                                                        "token-only input, constant replacement "
+                                                        f"by layer) {default(D, 'convention')}."),
     selection: Optional[str] = typer.Option(None, help="greedy, topn or threshold "
                                                        f"{default(D, 'selection')}."),
     n_edges: Optional[int] = typer.Option(None, help="Circuit size for greedy and topn "
@@ -72,11 +77,13 @@ def circuits(
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     settings = settings_from(CircuitSettings, method=method, steps=steps, metric=metric,
                              ablation=ablation, draws=draws, reference=reference,
+                             convention=convention,
                              selection=selection, n_edges=n_edges, threshold=threshold,
                              faithfulness=faithful, batch_size=batch_size, seed=seed)
     folder = out_folder(out)
     samples = load_samples(data, split=split, limit=limit)
     ref = load_qa(reference) if reference else None
+    say_text_cuts(samples + (ref or []), model)
     distributed = workers > 1 or ray_address is not None
     with progress_bars() as bar:
         if distributed:

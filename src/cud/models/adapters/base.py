@@ -112,6 +112,16 @@ class ResidualAdapter(ABC):
     def embed(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, d) output of the ``input`` node (token + position embeddings)."""
 
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """(B, T, d) the token embedding alone (the reference tooling's ``hook_embed``); the
+        ``input`` node of the reference convention. Families without position embeddings:
+        :meth:`embed` itself."""
+        return self.embed(input_ids)
+
+    def position_embedding(self, input_ids: Tensor) -> Tensor | None:
+        """(1, T, d) learned position embeddings added to the tokens' (GPT-2), or None."""
+        return None
+
     @abstractmethod
     def attention_norm(self, layer: int) -> torch.nn.Module:
         """The norm every q, k and v input of ``layer``'s heads goes through (the model's own

@@ -23,8 +23,14 @@ class GPT2Adapter(ResidualAdapter):
         self.head_dim = self.d_model // self.n_heads
 
     def embed(self, input_ids: Tensor) -> Tensor:
+        return self.embed_tokens(input_ids) + self.position_embedding(input_ids)
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        return self.backbone.wte(input_ids)
+
+    def position_embedding(self, input_ids: Tensor) -> Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.backbone.wte(input_ids) + self.backbone.wpe(positions)[None]
+        return self.backbone.wpe(positions)[None]
 
     def attention_norm(self, layer: int):
         return self.layers[layer].ln_1
