@@ -135,3 +135,76 @@ def test_orientation_is_read_from_the_anchors():
                              {("ga", "x"): series(np.arange(40.0))}, excluded=[],
                              directions=d, n_boot=0)
     assert table["spearman"].iloc[0] == pytest.approx(1.0)
+
+
+# --- repeated pools: the paired test, the permutation null, strata, partial ρ ------------------
+
+def test_paired_difference_agrees_with_scipys_paired_bootstrap():
+    """The same statistic (ρ(a, y) - ρ(b, y)) on paired resamples: our interval from shared
+    draws equals scipy.stats.bootstrap(paired=True) within resampling noise."""
+    from cud.difficulty.validation import bootstrap_draws, paired_difference, spearman_rows
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=80)
+    a = y + rng.normal(size=80)            # a strong metric
+    b = y + 6 * rng.normal(size=80)        # a much weaker one
+    draws = bootstrap_draws(80, 4000, seed=0)
+    ours = paired_difference(spearman_rows(a[draws], y[draws]), spearman_rows(b[draws], y[draws]))
+
+    def diff(a_, b_, y_):
+        return stats.spearmanr(a_, y_).statistic - stats.spearmanr(b_, y_).statistic
+
+    ref = stats.bootstrap((a, b, y), diff, paired=True, vectorized=False, n_resamples=4000,
+                          method="percentile", random_state=np.random.default_rng(1))
+    point = diff(a, b, y)
+    assert ours["diff"] == pytest.approx(point, abs=0.03)
+    assert ours["diff_lo"] == pytest.approx(ref.confidence_interval.low, abs=0.04)
+    assert ours["diff_hi"] == pytest.approx(ref.confidence_interval.high, abs=0.04)
+    assert ours["p"] < 0.05 and ours["diff_lo"] > 0  # a is better, and the test says so
+    same = paired_difference(spearman_rows(a[draws], y[draws]),
+                             spearman_rows(a[draws], y[draws]))
+    assert same["diff"] == 0 and same["p"] == 1.0
+
+
+def test_permutation_null_agrees_with_scipys_permutation_test():
+    from cud.difficulty.validation import permutation_null
+    rng = np.random.default_rng(4)
+    y = np.round(rng.normal(size=60), 1)   # ties, as real outcomes have
+    x = 0.3 * y + rng.normal(size=60)
+    observed = stats.spearmanr(x, y).statistic
+    null = permutation_null(y, 5000, seed=0)
+    ours = float((np.abs(null) >= abs(observed)).mean())
+    ref = stats.permutation_test((x, y), lambda a, b: stats.spearmanr(a, b).statistic,
+                                 permutation_type="pairings", n_resamples=5000,
+                                 random_state=np.random.default_rng(2)).pvalue
+    assert ours == pytest.approx(ref, abs=0.02)
+    assert abs(null.mean()) < 0.02 and 0.1 < np.quantile(null, 0.975) < 0.35
+
+
+def test_pooled_interval_is_the_mixture_of_the_pools_replicates():
+    from cud.difficulty.validation import pooled_interval
+    a, b = np.linspace(0, 1, 101), np.linspace(2, 3, 101)
+    lo, hi = pooled_interval([a, b], ci=0.5)
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(np.concatenate([a, b]), [0.25, 0.75])))
+    assert np.isnan(pooled_interval([np.array([1.0, np.nan])])[0])
+
+
+def test_stratified_and_partial_spearman():
+    from cud.difficulty.validation import partial_spearman, stratified_spearman
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(4), 25)
+    level = groups.astype(float)
+    # x and y share only their group's level: across groups they correlate, within none
+    x, y = level + 0.1 * rng.normal(size=100), level + 0.1 * rng.normal(size=100)
+    assert stats.spearmanr(x, y).statistic > 0.8
+    within, n = stratified_spearman(x, y, groups)
+    assert n == 100 and abs(within) < 0.3
+    by_hand = np.average([stats.spearmanr(x[groups == g], y[groups == g]).statistic
+                          for g in range(4)], weights=[25] * 4)
+    assert within == pytest.approx(by_hand)
+    # x and y both follow z: holding z fixed removes the association
+    z = rng.normal(size=100)
+    x2, y2 = z + 0.2 * rng.normal(size=100), z + 0.2 * rng.normal(size=100)
+    assert stats.spearmanr(x2, y2).statistic > 0.8 and abs(partial_spearman(x2, y2, z)) < 0.3
+    # an association beyond z survives
+    w = rng.normal(size=100)
+    assert partial_spearman(w + 0.3 * z, w + 0.3 * rng.normal(size=100), z) > 0.7

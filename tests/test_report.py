@@ -76,12 +76,19 @@ def run(tmp_path_factory):
     texts = pd.DataFrame({"id": [s.id for s in samples],
                           "question": [s.question for s in samples],
                           "answer": [s.answer for s in samples]})
+    from cud.difficulty.anchors import anchors_from_ids
+    from cud.difficulty.study import StudySettings, run_study
+    study = run_study(ids, scores, graph, selection, outcomes, baselines=baselines,
+                      anchors=anchors_from_ids(easy, hard), circuits=circuits,
+                      settings=StudySettings(sizes=(20,), distances=("cosine",), n_boot=200,
+                                             n_perm=200, variant_sizes=(20, 40), node_k=8,
+                                             predictor=False, cross_method=False))
     inputs = ReportInputs(graph=graph, ids=ids, circuits=circuits.numpy(),
                           edge_scores=scores.numpy(), cud=cud_table,
                           anchors={"easy": easy, "hard": hard},
                           anchor_circuits={"easy": anchor_circuits[0].numpy(),
                                            "hard": anchor_circuits[1].numpy()},
-                          outcomes=outcomes, baselines=baselines, samples=texts)
+                          outcomes=outcomes, baselines=baselines, samples=texts, study=study)
     out = tmp_path_factory.mktemp("report")
     # 10 hardest + 10 easiest of 20: every sample text is in the report
     report = build_report(inputs, out, draw=[ids[0], ids[-1]], n_extremes=10)
@@ -89,7 +96,7 @@ def run(tmp_path_factory):
             "scores": scores, "circuits": circuits, "selection": selection, "lm": lm}
 
 
-FULL = ["distribution", "outcomes", "roc", "structure", "circuits", "extremes"]
+FULL = ["distribution", "outcomes", "heldout", "roc", "structure", "circuits", "extremes"]
 
 
 def embedded_images(page: str) -> list[tuple[str, bytes]]:
@@ -123,16 +130,24 @@ def test_report_is_self_contained_and_escapes_text(run):
 
 def test_report_numbers_follow_the_inputs(run):
     report = run["report"]
-    # outcomes were made to fall with CUD: a strongly negative rho(CUD, forgetting) for both
-    # outcome definitions, on the samples that are not anchors
-    table = report.tables["validation"]
-    assert set(table["outcome"]) == {"nll_after", "nll_delta"}
-    assert set(table["method"]) == set(METHODS)
-    delta = table[table["outcome"] == "nll_delta"]
-    assert (delta["rho(CUD, forgetting)"] < -0.5).all()
-    assert (table["n"] == 20 - 6).all()
-    # CUD finds the hard samples far better than chance; 'loss' (made to fall with CUD) only
-    # when negated, and the table says so
+    study = run["inputs"].study
+    # outcomes were made to fall with CUD: the study's held-out rho with the difficulty is
+    # strongly positive for both outcome definitions, and the report shows the study's numbers
+    table = report.tables["heldout_spearman_nll_delta"]
+    assert list(table.columns) == list(METHODS) and table.index[0] == "cud"
+    for method in METHODS:
+        row = study.heldout[(study.heldout["metric"] == "cud") & (study.heldout["method"] ==
+                                                                  method)
+                            & (study.heldout["outcome"] == "nll_delta")].iloc[0]
+        assert row["spearman"] > 0.5 and row["n"] == 20 - 6
+        assert table.loc["cud", method].startswith(f"{row['spearman']:+.2f}")
+    page = report.html.read_text(encoding="utf-8")
+    verdict = page[page.index("Verdict on this run"):page.index("Inputs") if "Inputs" in page
+                   else None]
+    assert "higher = predicted harder" in verdict and "best baseline" in verdict
+    assert page.index("Verdict on this run") < page.index('<section id="distribution">')
+    # CUD finds the hard samples far better than chance; 'loss' (made to fall with CUD) is read
+    # negated, the direction the study read from the anchors, and the table says so
     auc = report.tables["roc_auc"]
     assert (auc.loc["cud"] > 0.8).all()
     assert "-loss" in auc.index and "loss" not in auc.index
@@ -142,13 +157,13 @@ def test_report_numbers_follow_the_inputs(run):
     assert (hardest["question"] != "").all()
 
 
-def test_roc_table_orients_baselines_but_not_cud():
+def test_roc_table_reads_each_score_in_its_given_direction():
     ids = [f"s{i}" for i in range(10)]
     hard = pd.Series([False] * 5 + [True] * 5, index=ids)
     scores = pd.DataFrame({"cud": np.arange(10.0)[::-1], "loss": np.arange(10.0)[::-1]},
                           index=ids)
-    table = roc_table(scores, {"m": hard}).set_index("score")
-    assert table.loc["cud", "auc"] == 0 and not table.loc["cud", "negated"]
+    table = roc_table(scores, {"m": hard}, directions={"loss": -1}).set_index("score")
+    assert table.loc["cud", "auc"] == 0 and not table.loc["cud", "negated"]  # no second rule
     assert table.loc["loss", "auc"] == 1 and table.loc["loss", "negated"]
 
 
@@ -156,7 +171,7 @@ def test_missing_inputs_leave_sections_out_with_a_note(run, tmp_path):
     only_cud = ReportInputs(cud=run["inputs"].cud)
     report = build_report(only_cud, tmp_path)
     assert report.sections == ["distribution", "extremes"]
-    assert len(report.notes) == 5
+    assert len(report.notes) == 6
     page = report.html.read_text(encoding="utf-8")
     assert "Not in this report" in page and "no circuits" in page
     assert len(embedded_images(page)) == len(report.figures) == 1
@@ -254,7 +269,7 @@ def folders(run, tmp_path_factory):
     inputs = run["inputs"]
     store = CircuitStore.open(root / "circuits", {"test": 1}, inputs.graph)
     store.write_batch(inputs.ids, run["scores"], run["circuits"],
-                      [{"text_hash": text_hash(s.question, s.answer)} for s in run["samples"]])
+                      [{"text_hash": text_hash(s)} for s in run["samples"]])
     store.finalize(inputs.ids)
     anchor_set = anchors_from_ids(inputs.anchors["easy"], inputs.anchors["hard"])
     ac = anchor_circuits(anchor_set, inputs.ids, run["scores"], inputs.graph, run["selection"])
@@ -266,6 +281,7 @@ def folders(run, tmp_path_factory):
     for method, table in inputs.outcomes.items():
         save_outcomes(table, root / "unlearn" / method / "outcomes")
     save_table(inputs.baselines, root / "baselines" / "baselines")
+    inputs.study.save(root / "validation")
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps({"id": s.id, "question": s.question, "answer": s.answer})
                             + "\n" for s in run["samples"]))
@@ -312,7 +328,7 @@ def test_report_command(folders, tmp_path):
     result = invoke("report", "--circuits", folders / "circuits", "--scores", folders / "scores",
                     "--anchors", folders / "anchors", "--outcomes", folders / "unlearn",
                     "--baselines", folders / "baselines", "--data", folders / "data.jsonl",
-                    "--top", 3, "--out", out)
+                    "--validation", folders / "validation", "--top", 3, "--out", out)
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text(encoding="utf-8")
     pngs = sorted(p.name for p in (out / "figures").glob("*.png"))

@@ -41,7 +41,9 @@ class RunConfig:
     ``forget_fraction``: share of a non-TOFU set's authors that is forgotten;
     ``retain_authors``: keep the first N authors of a TOFU retain split; ``seed`` seeds the split,
     fine-tuning, the corrupted prompts, unlearning, the baselines and the anchor pools (each
-    stage section's own ``seed`` is replaced by it)."""
+    stage section's own ``seed`` is replaced by it); ``retest``: also measure every circuit a
+    second time with independent corrupted prompts (seed + 1; ``circuits-retest/``), for the
+    score's test-retest reliability."""
 
     model: str = "smollm2"
     data: str = "builtin"
@@ -52,6 +54,7 @@ class RunConfig:
     device: str | None = None
     dtype: str | None = None
     seed: int = 0
+    retest: bool = True
     preset: str = "default"
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     circuits: CircuitSettings = field(default_factory=CircuitSettings)
@@ -85,10 +88,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "data": "builtin:40",
         "finetune": {"epochs": 5, "batch_size": 8},
-        "circuits": {"steps": 2, "n_edges": 50, "batch_size": 12},
+        "retest": False,
+        "circuits": {"steps": 2, "n_edges": 300, "draws": 2, "faithfulness_sizes": (),
+                     "batch_size": 12},
         "unlearning": {"max_steps": 4, "utility": False},
         "baselines": {"mrd_k": 4},
-        "study": {"k": 3, "sizes": (25, 50, 100), "n_boot": 200, "predictor": False},
+        "study": {"k": 3, "sizes": (50, 300), "n_boot": 200, "n_perm": 200, "pools": 3,
+                  "predictor": False, "variant_sizes": (75, 1000)},
+    },
+    # TOFU forget10 on SmolLM2 on a 2-core CPU in under two hours (notes/tofu.md): a retain
+    # subset of 20 authors, bf16 matrix products for training and evaluation (not for the
+    # baselines: MRD's 1e-5 weight noise is below bf16's resolution), 5 methods at the
+    # calibrated "tofu" table, shorter greedy answers, 20 anchors a side; the second
+    # measurement of the circuits (test-retest) is a separate run (`retest = true`)
+    "tofu": {
+        "retain_authors": 20,
+        "retest": False,
+        "finetune": {"epochs": 6, "batch_size": 16, "bf16": True, "group_by_length": True},
+        "unlearning": {"methods": ("graddiff", "npo", "simnpo", "rmu", "undial"),
+                       "hyperparameters": "tofu", "bf16": True, "group_by_length": True,
+                       "utility_samples": 50, "eval_batch_size": 32,
+                       "generation_budget": 1.25},
+        "baselines": {"mrd_k": 10},
+        "study": {"k": 20},
     },
     # METHOD §5's reference hyperparameters and the baselines as their papers define them
     "paper": {

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -23,8 +23,8 @@ from cud.data.prepare import RunData, load_run_data
 from cud.errors import ConfigError
 from cud.progress import Progress, silent
 
-STAGES = ("data", "model", "circuits", "unlearning", "baselines", "validation", "analysis",
-          "report")
+STAGES = ("data", "model", "circuits", "retest", "unlearning", "baselines", "validation",
+          "analysis", "report")
 
 
 @dataclass
@@ -97,6 +97,14 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
                       progress=say)
         cs = load_circuits(out / "circuits", ids=[s.id for s in data.forget])
 
+    retest = None
+    if config.retest:
+        with clock("retest"):  # the same circuits from independent corrupted prompts
+            again = replace(settings, seed=settings.seed + 1)
+            find_circuits(lm, data.forget, out / "circuits-retest", again, reference=reference,
+                          progress=lambda task, *rest: say("retest", *rest))
+            retest = load_circuits(out / "circuits-retest", ids=[s.id for s in data.forget])
+
     with clock("unlearning"):
         from cud.difficulty.groundtruth import read_outcomes
         from cud.unlearning.folder import unlearn_to_folder
@@ -116,7 +124,7 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
         from cud.difficulty.stage import validate_to_folder
         study = validate_to_folder(cs, outcomes, out / "validation", config.stage("study"),
                                    baselines=baselines, anchors_out=out / "anchors",
-                                   scores_out=out / "scores", progress=say)
+                                   scores_out=out / "scores", retest=retest, progress=say)
         result.heldout = study.heldout
 
     with clock("analysis"):
@@ -193,7 +201,7 @@ def _report(config: RunConfig, out: Path, data: RunData, say: Progress) -> Path:
                                 unlearn=out / "unlearning",
                                 methods=list(config.unlearning.methods),
                                 baselines=out / "baselines" if config.baselines.enabled
-                                else None)
+                                else None, validation=out / "validation")
     inputs.samples = _samples_table(data.forget).set_index("id")
     report = build_report(inputs, out / "report", title=config.report.title,
                           outcomes=config.report.outcomes,

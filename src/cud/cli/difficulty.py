@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from cud.cli.app import command, console
-from cud.cli.common import load
+from cud.cli.common import load, say_text_cuts
 from cud.cli.options import (csv_list, default, id_list, int_list, out_folder, settings_from)
 from cud.cli.render import fmt_ci, progress_bars
 from cud.difficulty.study import StudySettings
@@ -90,6 +90,7 @@ def anchors(
         from cud.difficulty.bilevel import bilevel_anchors
         sets = forget_and_retain(data, forget_fraction=forget_fraction, seed=s.seed)
         forget = [x for x in sets.forget if x.id in set(cs.ids)]
+        say_text_cuts(sets.taught, model)
         lm = load(model, device)
         with console.status("bi-level anchor selection (per-sample gradients)"):
             chosen = bilevel_anchors(lm, forget, s.k, retain=sets.retain,
@@ -209,6 +210,18 @@ def validate(
     predictor: Optional[bool] = typer.Option(None, "--predictor/--no-predictor",
                                              help="Also fit the circuit-feature predictor "
                                                   "(default: on)."),
+    pools: Optional[int] = typer.Option(None, help="Anchor pools drawn (seeds SEED, SEED+1, "
+                                                   f"...) {default(D, 'pools')}."),
+    variants: Optional[bool] = typer.Option(None, "--variants/--no-variants",
+                                            help="Also score the CUD variants and choose one "
+                                                 "on each pool's validation part (default: "
+                                                 "on)."),
+    retest: Optional[str] = typer.Option(None, help="Circuits folder of the same samples from "
+                                                    "other corrupted prompts (`cud circuits "
+                                                    "--seed 1`): the test-retest table."),
+    other: list[str] = typer.Option([], help="NAME=FOLDER: other circuits of the same samples "
+                                             "(e.g. logprob=circuits-logprob), scored as "
+                                             "variant cud_NAME (repeatable)."),
     split_method: Optional[str] = typer.Option(None, help="Also run the easy/hard split "
                                                           "protocol with this method (needs "
                                                           "--model)."),
@@ -234,9 +247,15 @@ def validate(
         seed=seed, outcomes=tuple(csv_list(outcome)) if outcome else None, distance=distance,
         weighted=weighted, sizes=int_list(sizes, "--sizes"),
         distances=tuple(csv_list(distances)) if distances else None, n_boot=n_boot, ci=ci,
-        predictor=predictor)
+        predictor=predictor, pools=pools, variants=variants)
     folder = out_folder(out)
     cs = load_circuits(circuits)
+    others = {}
+    for item in other:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--other expects NAME=FOLDER, got '{item}'")
+        others[name] = load_circuits(path)
     tables = _outcomes_of(outcomes, method, cs.ids)
     base = read_table(baselines, what="baselines", names=("baselines",)) if baselines else None
     main = None
@@ -247,7 +266,8 @@ def validate(
         main = ac.anchors
     with progress_bars() as bar:
         study = validate_to_folder(cs, tables, folder, settings, baselines=base, anchors=main,
-                                   progress=bar)
+                                   retest=load_circuits(retest) if retest else None,
+                                   others=others, progress=bar)
     split = None
     if split_method:
         split = _split_protocol(study, tables, split_method, model, data, hyperparameters,
@@ -316,6 +336,7 @@ def _split_protocol(study, tables, method, model, data, table_name, device, out_
     if len(forget) < 2:
         raise DataError(f"only {len(forget)} held-out samples of --data have outcomes; is "
                         f"--data the data `cud unlearn` used?")
+    say_text_cuts(samples, model)
     lm = load(model, device)
     scores = study.metrics.loc[study.metrics["held_out"], "cud"]
     with progress_bars() as bar:

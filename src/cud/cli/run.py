@@ -44,10 +44,26 @@ def run(
         overrides["unlearning"] = {"methods": csv_list(methods)}
     cfg = load_config(config, {k: v for k, v in overrides.items() if v is not None},
                       preset=preset)
+    _say_text_cuts(cfg)
     with progress_bars(transient=False) as bar:
         result = run_pipeline(cfg, progress=bar)
     _summary(result)
     print(result.report or result.out)
+
+
+def _say_text_cuts(cfg) -> None:
+    """The lines of :func:`cud.cli.common.say_text_cuts` for the run's data, read here as the
+    pipeline will (texts come only from data files: nothing is read for builtin or TOFU data)."""
+    from cud.data.formats import BUILTIN
+    from cud.data.tofu import PREFIX as TOFU_PREFIX
+    spec = str(cfg.data)
+    if spec == BUILTIN or spec.startswith((BUILTIN + ":", TOFU_PREFIX)):
+        return
+    from cud.cli.common import say_text_cuts
+    from cud.data.prepare import load_run_data
+    data = load_run_data(spec, limit=cfg.limit, retain_authors=cfg.retain_authors,
+                         forget_fraction=cfg.forget_fraction, seed=cfg.seed)
+    say_text_cuts(data.taught, cfg.model)
 
 
 def _summary(result) -> None:

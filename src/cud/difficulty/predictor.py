@@ -63,9 +63,11 @@ def structure_features(graph: Graph, circuits) -> pd.DataFrame:
 
 
 def circuit_features(ids: Sequence[str], edge_scores: Tensor, anchors: AnchorCircuits, *,
-                     circuits: Tensor | None = None) -> pd.DataFrame:
+                     circuits: Tensor | None = None, structure: pd.DataFrame | None = None
+                     ) -> pd.DataFrame:
     """Feature table (index id): d_E and d_H for every distance, binary and weighted, plus the
-    structure statistics of each sample's circuit. Constant columns are dropped."""
+    structure statistics of each sample's circuit (``structure``, rows in ``ids`` order, when
+    already computed). Constant columns are dropped."""
     from cud.circuits.selection import select
     if circuits is None:
         circuits = select(anchors.graph, edge_scores, anchors.selection)
@@ -78,8 +80,9 @@ def circuit_features(ids: Sequence[str], edge_scores: Tensor, anchors: AnchorCir
             cols[f"d_E_{tag}"] = d_e.numpy()
             cols[f"d_H_{tag}"] = d_h.numpy()
     table = pd.DataFrame(cols)
-    structure = structure_features(anchors.graph, circuits)
-    table = pd.concat([table, structure.add_prefix("s_")], axis=1)
+    if structure is None:
+        structure = structure_features(anchors.graph, circuits)
+    table = pd.concat([table, structure.reset_index(drop=True).add_prefix("s_")], axis=1)
     table.index = pd.Index(list(ids), name="id")
     table = table.astype(float)
     varying = [c for c in table.columns if table[c].nunique(dropna=True) > 1]

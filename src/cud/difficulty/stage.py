@@ -18,8 +18,29 @@ from cud.circuits.store import CircuitSet
 from cud.difficulty.anchors import AnchorSet, anchor_circuits, selection_of
 from cud.difficulty.score import score_samples
 from cud.difficulty.study import StudyResult, StudySettings, run_study
+from cud.difficulty.variants import CircuitData
+from cud.errors import ConfigError
 from cud.progress import Progress
 from cud.tables import save_table
+
+
+def sample_info(cs: CircuitSet) -> pd.DataFrame:
+    """What the study reads of a circuits folder's per-sample table: the answer length, the
+    question type where the data gave one, the faithfulness of each circuit size."""
+    table = cs.table.set_index("id")
+    keep = [c for c in table.columns if c in ("n_answer_tokens", "question_type")
+            or c.startswith("faithfulness_")]
+    info = table[keep].copy()
+    if "question_type" in info and not (info["question_type"].astype(str) != "").any():
+        info = info.drop(columns="question_type")
+    return info
+
+
+def circuit_data(cs: CircuitSet, ids, sizes=()) -> CircuitData:
+    """A circuits folder's samples ``ids`` as the variants read them."""
+    sub = cs.subset(ids)
+    return CircuitData.build(sub.ids, sub.graph, sub.edge_scores, selection_of(sub.settings),
+                             sub.circuits, sizes)
 
 
 def validate_to_folder(circuits: CircuitSet, outcomes: Mapping[str, pd.DataFrame],
@@ -27,16 +48,27 @@ def validate_to_folder(circuits: CircuitSet, outcomes: Mapping[str, pd.DataFrame
                        baselines: pd.DataFrame | None = None, anchors: AnchorSet | None = None,
                        anchors_out: str | Path | None = None,
                        scores_out: str | Path | None = None,
+                       retest: CircuitSet | None = None,
+                       others: Mapping[str, CircuitSet] | None = None,
                        progress: Progress | None = None) -> StudyResult:
     """Run the held-out study on ``circuits`` against ``outcomes`` (``{method: table}``) and
     write it to ``out``; the main anchors' circuits to ``anchors_out`` and every sample's CUD to
     ``scores_out`` (default: ``out/anchors`` and ``out/scores``). ``anchors``: the main anchor
-    set (default: a vote of the methods on the pool)."""
+    set (default: a vote of the methods on the first pool). ``retest``: circuits of the same
+    samples from other corrupted prompts (the test-retest table); ``others``: other circuits of
+    the same samples (``{name: folder}``: variants ``cud_<name>``)."""
     cs = circuits
     selection = selection_of(cs.settings)
+    sizes = tuple(sorted(set(settings.variant_sizes) | set(settings.sizes)))
+    for name, other in {"retest": retest, **dict(others or {})}.items():
+        if other is not None:
+            check_compatible_circuits(cs, other, name)
     study = run_study(cs.ids, cs.edge_scores, cs.graph, selection, outcomes,
                       baselines=baselines, anchors=anchors, circuits=cs.circuits,
-                      settings=settings, circuit_settings=cs.settings, progress=progress)
+                      settings=settings, circuit_settings=cs.settings, info=sample_info(cs),
+                      others={n: circuit_data(o, cs.ids) for n, o in (others or {}).items()},
+                      retest=circuit_data(retest, cs.ids, sizes) if retest is not None
+                      else None, progress=progress)
     study.save(out)
     main = anchor_circuits(study.anchors["main"], cs.ids, cs.edge_scores, cs.graph, selection,
                            circuit_settings=cs.settings)
@@ -47,3 +79,15 @@ def validate_to_folder(circuits: CircuitSet, outcomes: Mapping[str, pd.DataFrame
     save_table(scores, Path(scores_out if scores_out is not None else Path(out) / "scores")
                / "scores", index=False)
     return study
+
+
+def check_compatible_circuits(cs: CircuitSet, other: CircuitSet, name: str) -> None:
+    """``other`` must hold circuits of every sample of ``cs``, on the same graph and model."""
+    if other.graph.cfg != cs.graph.cfg:
+        raise ConfigError(f"the {name} circuits ({other.root}) are of another graph")
+    if other.settings.get("model_fingerprint") != cs.settings.get("model_fingerprint"):
+        raise ConfigError(f"the {name} circuits ({other.root}) were computed on another model")
+    missing = sorted(set(cs.ids) - set(other.ids))
+    if missing:
+        raise ConfigError(f"the {name} circuits ({other.root}) lack {len(missing)} of the "
+                          f"samples (e.g. {missing[0]})")

@@ -187,6 +187,117 @@ def evaluate_pairs(pairs: Pairs, *, n_boot: int = 1000, ci: float = 0.95, seed: 
     return out
 
 
+# --- repeated pools: replicates, pooled intervals, the permutation null, the paired test -----
+
+def bootstrap_draws(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) indices of resamples with replacement, seeded; shared by every metric judged
+    on the same samples, so that their differences are paired."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+@dataclass
+class Replicates:
+    """One metric against one truth on one held-out set: point values and the bootstrap
+    replicates of Spearman ρ and AUROC drawn with given (shared) indices."""
+
+    n: int
+    spearman: float
+    kendall: float
+    auroc: float
+    boot_spearman: np.ndarray
+    boot_auroc: np.ndarray
+    #: drawn with the indices every other metric of the same held-out set used
+    shared: bool = False
+
+
+def replicates(x: np.ndarray, y: np.ndarray, draws: np.ndarray, q: float = 0.25,
+               quartile_draws: np.ndarray | None = None) -> Replicates:
+    """Point statistics of ``x`` against ``y`` and their replicates on ``draws`` (B, n); AUROC's
+    replicates resample within the extreme quartiles with ``quartile_draws`` ((B, 2m) indices
+    into them; none without)."""
+    rho = spearman(x, y)[0]
+    tau = kendall(x, y)[0]
+    auc = auroc(x, y, q)
+    boot_rho = spearman_rows(x[draws], y[draws]) if len(draws) else np.array([])
+    idx, labels = extreme_quartiles(y, q)
+    if quartile_draws is not None and len(idx) >= 2 and len(quartile_draws):
+        boot_auc = auroc_rows(x[idx][quartile_draws], labels[quartile_draws])
+    else:
+        boot_auc = np.array([])
+    return Replicates(len(x), rho, tau, auc, boot_rho, boot_auc)
+
+
+def pooled_interval(arrays: Iterable[np.ndarray], ci: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the replicates of several held-out sets taken together (their
+    mixture): the spread of a statistic over both the anchor pools and the samples."""
+    values = [a[np.isfinite(a)] for a in arrays]
+    values = np.concatenate(values) if values else np.array([])
+    if len(values) < 10:
+        return math.nan, math.nan
+    a = (1 - ci) / 2
+    return float(np.quantile(values, a)), float(np.quantile(values, 1 - a))
+
+
+def permutation_null(y: np.ndarray, n_perm: int, seed: int) -> np.ndarray:
+    """(n_perm,) Spearman ρ between a ranking without ties and ``y`` permuted at random: the
+    distribution a random ranking's ρ has on these samples (a permutation null; it depends on
+    ``y``'s ties only, not on any metric)."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(len(y), dtype=float)
+    perms = np.argsort(rng.random((n_perm, len(y))), axis=1)
+    return spearman_rows(np.broadcast_to(x, perms.shape), y[perms])
+
+
+def paired_difference(boot_a: np.ndarray, boot_b: np.ndarray, ci: float = 0.95
+                      ) -> dict[str, float]:
+    """Paired bootstrap test of statistic a against statistic b computed on the *same*
+    resamples: the mean difference, its percentile interval, and the two-sided p-value
+    2 min(P(d <= 0), P(d >= 0)) (capped at 1)."""
+    d = np.asarray(boot_a, dtype=float) - np.asarray(boot_b, dtype=float)
+    d = d[np.isfinite(d)]
+    if len(d) < 10:
+        return {"diff": math.nan, "diff_lo": math.nan, "diff_hi": math.nan, "p": math.nan}
+    a = (1 - ci) / 2
+    p = min(1.0, 2 * min(float((d <= 0).mean()), float((d >= 0).mean())))
+    return {"diff": float(d.mean()), "diff_lo": float(np.quantile(d, a)),
+            "diff_hi": float(np.quantile(d, 1 - a)), "p": p}
+
+
+def stratified_spearman(x: np.ndarray, y: np.ndarray, groups: np.ndarray, min_size: int = 5
+                        ) -> tuple[float, int]:
+    """(the n-weighted mean of Spearman ρ within each group of at least ``min_size`` samples,
+    the number of samples in those groups): an association that a group's mean level (a
+    question template) cannot produce."""
+    total, weight = 0.0, 0
+    for g in pd.unique(groups):
+        m = groups == g
+        if m.sum() < min_size:
+            continue
+        rho = spearman(x[m], y[m])[0]
+        if np.isfinite(rho):
+            total += rho * m.sum()
+            weight += int(m.sum())
+    return (total / weight if weight else math.nan), weight
+
+
+def partial_spearman(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
+    """Spearman ρ of ``x`` and ``y`` with ``z`` held fixed: the Pearson correlation of the
+    ranks' residuals after a linear fit on the ranks of ``z``."""
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
+    if ok.sum() < 4:
+        return math.nan
+    rx, ry, rz = (stats.rankdata(v[ok]) for v in (x, y, z))
+    design = np.column_stack([np.ones(len(rz)), rz])
+
+    def residual(v):
+        coef, *_ = np.linalg.lstsq(design, v, rcond=None)
+        return v - design @ coef
+
+    ex, ey = residual(rx), residual(ry)
+    den = np.sqrt((ex ** 2).sum() * (ey ** 2).sum())
+    return float((ex * ey).sum() / den) if den > 0 else math.nan
+
+
 # --- orientation --------------------------------------------------------------------------------
 
 def orientation(metrics: pd.DataFrame, easy: Iterable[str], hard: Iterable[str]) -> pd.Series:

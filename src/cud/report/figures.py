@@ -20,7 +20,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from cud.circuits.graph import Graph
-from cud.statistics import spearman
 from cud.circuits.structure import layer_pair_counts, node_membership
 
 EASY, HARD, OTHER = "#2b8a3e", "#c92a2a", "#868e96"
@@ -76,17 +75,15 @@ def cud_distribution(cud: pd.Series, anchors: Mapping[str, Sequence[str]] | None
     return fig
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return spearman(x, y)[0]
-
-
 def cud_vs_outcome(cud: pd.Series, outcomes: Mapping[str, pd.Series], *,
                    anchors: Mapping[str, Sequence[str]] | None = None,
-                   excluded: Sequence[str] = (), ncols: int = 3) -> Figure:
+                   excluded: Sequence[str] = (), titles: Mapping[str, str] | None = None,
+                   ncols: int = 3) -> Figure:
     """One scatter per outcome (``{label: per-id values}``, e.g. ``"graddiff: nll_delta"``):
-    CUD on x, the actual outcome on y. The Spearman ρ in each title is over the samples that are
-    neither anchors nor in ``excluded`` (their outcomes chose the anchors); anchors are drawn in
-    their colours for reference."""
+    CUD on x, the actual outcome on y. Evaluated samples are the held-out ones; the anchor
+    pool's other samples (``excluded``: their outcomes were read to choose the anchors) are
+    drawn hollow and the anchors in their colours. ``titles``: a second title line per panel
+    (e.g. the study's held-out statistic)."""
     easy, hard = _anchor_sets(anchors)
     held = easy | hard | set(map(str, excluded))
     fig, axes = _grid(len(outcomes), ncols)
@@ -96,17 +93,18 @@ def cud_vs_outcome(cud: pd.Series, outcomes: Mapping[str, pd.Series], *,
         frame = pd.DataFrame({"cud": cud.rename(index=str), "y": outcome}).dropna()
         ids = frame.index
         rest = frame[~ids.isin(held)]
-        ax.scatter(rest["cud"], rest["y"], s=12, color=OTHER, alpha=0.8, label="evaluated")
+        ax.scatter(rest["cud"], rest["y"], s=12, color=OTHER, alpha=0.8,
+                   label="evaluated (held out)")
         skipped = frame[ids.isin(held - easy - hard)]
         if len(skipped):
             ax.scatter(skipped["cud"], skipped["y"], s=10, facecolors="none",
-                       edgecolors=OTHER, alpha=0.6, label="held out (chose anchors)")
+                       edgecolors=OTHER, alpha=0.6, label="anchor pool (not evaluated)")
         for group, colour, name in ((easy, EASY, "easy anchors"), (hard, HARD, "hard anchors")):
             part = frame[ids.isin(group)]
             if len(part):
                 ax.scatter(part["cud"], part["y"], s=22, color=colour, marker="D", label=name)
-        rho = _spearman(rest["cud"].to_numpy(float), rest["y"].to_numpy(float))
-        ax.set_title(f"{label}\nSpearman ρ = {rho:+.2f} (n = {len(rest)})", fontsize=10)
+        extra = (titles or {}).get(label, f"{len(rest)} evaluated samples")
+        ax.set_title(f"{label}\n{extra}", fontsize=10)
         ax.set_xlabel("CUD")
         ax.set_ylabel(label.split(":")[-1].strip())
         ax.set_xlim(-0.02, 1.02)
@@ -116,13 +114,13 @@ def cud_vs_outcome(cud: pd.Series, outcomes: Mapping[str, pd.Series], *,
 
 
 def roc_table(scores: pd.DataFrame, hard: Mapping[str, pd.Series], *,
-              fixed: Sequence[str] = ("cud",)) -> pd.DataFrame:
+              directions: Mapping[str, int] | None = None) -> pd.DataFrame:
     """AUROC of every score (column of ``scores``, index id) at telling the hard samples of each
     method (``{method: bool Series}``, True = hard) from the rest, on the ids both have.
 
-    Scores in ``fixed`` keep their direction (CUD: higher = harder by construction); any other
-    score has no known direction and is negated when that gives the higher AUROC (``negated``),
-    which flatters the baselines, not CUD. Long table: method, score, n, auc, negated."""
+    Each score is read in its ``directions`` (+1: higher = harder; -1: negated, ``negated``),
+    the directions the study read from the anchors; a score without one keeps its sign.
+    Long table: method, score, n, auc, negated."""
     from sklearn.metrics import roc_auc_score
     rows = []
     for method, labels in hard.items():
@@ -133,22 +131,22 @@ def roc_table(scores: pd.DataFrame, hard: Mapping[str, pd.Series], *,
             frame = pd.DataFrame({"s": s, "y": labels}).dropna()
             frame = frame[np.isfinite(frame["s"].astype(float))]
             y = frame["y"].astype(bool).to_numpy()
-            auc, negated = float("nan"), False
+            negated = int((directions or {}).get(name, 1)) < 0
+            auc = float("nan")
             if 0 < y.sum() < len(y):
-                auc = float(roc_auc_score(y, frame["s"].to_numpy(float)))
-                if name not in fixed and auc < 0.5:
-                    auc, negated = 1 - auc, True
+                auc = float(roc_auc_score(y, (-1 if negated else 1)
+                                          * frame["s"].to_numpy(float)))
             rows.append({"method": method, "score": name, "n": len(frame), "auc": auc,
                          "negated": negated})
     return pd.DataFrame(rows, columns=["method", "score", "n", "auc", "negated"])
 
 
 def roc_curves(scores: pd.DataFrame, hard: Mapping[str, pd.Series], *,
-               fixed: Sequence[str] = ("cud",), ncols: int = 3) -> Figure:
+               directions: Mapping[str, int] | None = None, ncols: int = 3) -> Figure:
     """One panel per method: ROC curves of every score at finding that method's hard samples
-    (orientation as in :func:`roc_table`; a negated score is labelled ``-name``)."""
+    (directions as in :func:`roc_table`; a negated score is labelled ``-name``; CUD in black)."""
     from sklearn.metrics import roc_curve
-    table = roc_table(scores, hard, fixed=fixed)
+    table = roc_table(scores, hard, directions=directions)
     fig, axes = _grid(len(hard), ncols, size=(4.2, 4.0))
     for ax, (method, labels) in zip(axes, hard.items()):
         labels = labels.copy()
@@ -161,7 +159,7 @@ def roc_curves(scores: pd.DataFrame, hard: Mapping[str, pd.Series], *,
             frame = frame[np.isfinite(frame["s"].astype(float))]
             s = frame["s"].to_numpy(float) * (-1 if row["negated"] else 1)
             fpr, tpr, _ = roc_curve(frame["y"].astype(bool).to_numpy(), s)
-            is_cud = name in fixed
+            is_cud = name == "cud"
             ax.plot(fpr, tpr, lw=2.4 if is_cud else 1.2, color="black" if is_cud else None,
                     zorder=3 if is_cud else 2,
                     label=f"{'-' if row['negated'] else ''}{name} ({row['auc']:.2f})")

@@ -220,9 +220,17 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
         from cud.errors import DataError
         raise DataError("the CUD table has no 'cud' column", file=inputs.sources.get("cud"))
     cud = cud_table["cud"].astype(float) if cud_table is not None else None
+    study = inputs.study
     anchors = {k: [str(i) for i in v] for k, v in (inputs.anchors or {}).items()} or None
+    if study is not None and anchors is None:
+        main = study.anchors["main"]
+        anchors = {"easy": list(main.easy), "hard": list(main.hard)}
     anchor_ids = set((anchors or {}).get("easy", [])) | set((anchors or {}).get("hard", []))
+    # "held" = every sample not evaluated: the anchors and the rest of their pool
     held = anchor_ids | set(map(str, inputs.excluded or []))
+    if study is not None:
+        held |= set(study.excluded)
+    directions = _directions(study, inputs, anchors)
     outcome_tables = {m: _indexed(t) for m, t in (inputs.outcomes or {}).items()}
     baselines = _indexed(inputs.baselines)
     samples = _indexed(inputs.samples)
@@ -246,24 +254,32 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
     # --- CUD vs outcome -----------------------------------------------------------------------
     if cud is not None and forgetting:
         b.section("outcomes", "CUD against the actual outcome",
-                  "Each point is a sample; y is its outcome after unlearning with that method. "
-                  "Spearman ρ is over samples that are neither anchors nor held out (their "
-                  "outcomes chose the anchors). CUD predicts hard = little forgetting, so a "
-                  "working CUD has ρ &lt; 0 with a ‘higher = more forgotten’ outcome.")
-        panels = {}
+                  "Each point is a sample; y is its raw outcome after unlearning with that "
+                  "method. A working CUD puts the samples that are forgotten least on the "
+                  "right: with a ‘higher = more forgotten’ outcome the cloud falls. The titles "
+                  "give the study's held-out ρ with the difficulty (higher = harder), "
+                  "averaged over its anchor pools; the points are the first pool's.")
+        panels, titles = {}, {}
         for o in forgetting:
             for method, table in outcome_tables.items():
                 if o in table.columns:
-                    panels[f"{method}: {o}"] = table[o].astype(float)
+                    label = f"{method}: {o}"
+                    panels[label] = table[o].astype(float)
+                    titles[label] = _study_title(study, "cud", method, o)
         b.figure("cud_vs_outcome",
                  lambda: F.cud_vs_outcome(cud, panels, anchors=anchors, excluded=list(held),
-                                          ncols=min(4, len(outcome_tables))),
+                                          titles=titles, ncols=min(4, len(outcome_tables))),
                  "CUD against each method's outcome (" + "; ".join(
                      f"{o}: {html.escape(_direction(o))}" for o in forgetting) + ").")
-        b.table(_validation_table(cud, forgetting, held), name="validation", index=False)
         b.end()
     else:
         b.skip("CUD against outcomes", "needs CUD scores and unlearning outcomes")
+
+    # --- the study's held-out tables ----------------------------------------------------------
+    if study is not None:
+        _study_section(b, study)
+    else:
+        b.skip("Held-out validation", "needs a validation folder (`cud validate`)")
 
     # --- ROC ----------------------------------------------------------------------------------
     first = next(iter(forgetting), None)
@@ -282,13 +298,12 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
             hard[method] = f < f.median()
         b.section("roc", "ROC curves: finding the hard samples",
                   f"A sample counts as hard for a method when its forgetting "
-                  f"({html.escape(first)}) is below "
-                  f"that method's median over the evaluated samples (anchors and held-out samples "
-                  f"left out). CUD keeps its direction; a baseline has no known direction and is "
-                  f"negated (‘-name’) when that scores better, which flatters the baselines.")
-        b.figure("roc_curves", lambda: F.roc_curves(scores, hard),
+                  f"({html.escape(first)}) is below that method's median over the evaluated "
+                  f"samples (the anchor pool left out). Every score is read in the direction "
+                  f"the study read from the anchors (‘-name’: lower = harder).")
+        b.figure("roc_curves", lambda: F.roc_curves(scores, hard, directions=directions),
                  "ROC curves of CUD (black) and the baselines; AUROC in the legend.")
-        table = F.roc_table(scores, hard)
+        table = F.roc_table(scores, hard, directions=directions)
         table["score"] = [("-" if n else "") + s for s, n in zip(table["score"], table["negated"])]
         auc = table.pivot(index="score", columns="method", values="auc")
         order = list(dict.fromkeys(table["score"]))          # CUD first, as in the scores
@@ -334,28 +349,116 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
     return Report(path, b.figures, b.tables, b.sections, b.notes)
 
 
-def _validation_table(cud: pd.Series, forgetting: Mapping[str, Mapping[str, pd.Series]],
-                      held: set[str]) -> pd.DataFrame:
-    """Per outcome and method: Spearman ρ(CUD, forgetting) on evaluated samples, and the mean
-    Spearman agreement of that method's forgetting with the other methods' (the reference)."""
-    from scipy.stats import spearmanr
-    rows = []
-    for outcome, per_method in forgetting.items():
-        frame = pd.DataFrame(per_method)
-        frame = frame[~frame.index.isin(held)]
-        agreement = frame.corr(method="spearman") if frame.shape[1] > 1 else None
-        for method in frame.columns:
-            pair = pd.DataFrame({"cud": cud, "f": frame[method]}).dropna()
-            rho = p = float("nan")
-            if len(pair) >= 3 and pair["cud"].nunique() > 1 and pair["f"].nunique() > 1:
-                r = spearmanr(pair["cud"], pair["f"])
-                rho, p = float(r.statistic), float(r.pvalue)
-            ref = float("nan") if agreement is None else \
-                float(agreement[method].drop(method).mean())
-            rows.append({"outcome": outcome, "method": method, "n": len(pair),
-                         "rho(CUD, forgetting)": rho, "p": p,
-                         "mean rho with other methods": ref})
-    return pd.DataFrame(rows)
+def _directions(study, inputs: ReportInputs, anchors) -> dict[str, int] | None:
+    """Each metric's direction: the study's (read from the anchors), or read from the anchors
+    here by the same rule (:func:`cud.difficulty.validation.orientation`)."""
+    if study is not None and not study.heldout.empty:
+        return study.heldout.groupby("metric")["direction"].first().astype(int).to_dict()
+    if anchors and inputs.baselines is not None:
+        from cud.difficulty.validation import orientation
+        frame = _indexed(inputs.baselines).select_dtypes("number")
+        return orientation(frame, anchors["easy"], anchors["hard"]).to_dict()
+    return None
+
+
+def _row(study, metric: str, method: str, outcome: str):
+    h = study.heldout
+    rows = h[(h["metric"] == metric) & (h["method"] == method) & (h["outcome"] == outcome)]
+    return rows.iloc[0] if len(rows) else None
+
+
+def _study_title(study, metric: str, method: str, outcome: str) -> str:
+    row = _row(study, metric, method, outcome) if study is not None else None
+    if row is None:
+        return ""
+    return (f"held-out ρ = {row['spearman']:+.2f} [{row['spearman_lo']:+.2f}, "
+            f"{row['spearman_hi']:+.2f}], {int(row['pools'])} pools of n = {int(row['n'])}")
+
+
+def _fmt(v: float) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{v:+.2f}"
+
+
+def verdict(study) -> str:
+    """The report's opening lines: CUD against the best baseline with the interval and the
+    paired test, per method (first outcome), and CUD's test-retest reliability."""
+    if study is None or study.paired.empty:
+        return ""
+    outcome = study.settings.outcomes[0]
+    lines = []
+    for r in study.paired[(study.paired["metric"] == "cud")
+                          & (study.paired["outcome"] == outcome)].itertuples():
+        cud, base = _row(study, "cud", r.method, outcome), _row(study, r.versus, r.method,
+                                                                 outcome)
+        if r.diff_lo > 0:
+            word = "<b class='agrees'>beats</b>"
+        elif r.diff_hi < 0:
+            word = "<b class='opposite'>is beaten by</b>"
+        else:
+            word = "<b>does not beat</b>"
+        lines.append(
+            f"<li><b>{html.escape(r.method)}</b>: CUD ρ = {_fmt(cud['spearman'])} "
+            f"[{_fmt(cud['spearman_lo'])}, {_fmt(cud['spearman_hi'])}]; the best baseline, "
+            f"{html.escape(r.versus)}, ρ = {_fmt(base['spearman'])} [{_fmt(base['spearman_lo'])}"
+            f", {_fmt(base['spearman_hi'])}]. CUD {word} it: difference {_fmt(r.diff)} "
+            f"[{_fmt(r.diff_lo)}, {_fmt(r.diff_hi)}], paired bootstrap p = {r.p:.3g}, ahead in "
+            f"{r.pools_won:.0%} of {int(r.pools)} anchor pools.</li>")
+    retest = ""
+    if not study.retest.empty:
+        t = study.retest.set_index("quantity")
+        if "cud test-retest spearman" in t.index:
+            x = t.loc["cud test-retest spearman"]
+            retest = (f"<p>Measured again with independent corrupted prompts, CUD agrees with "
+                      f"itself at ρ = {_fmt(x['value'])} [{_fmt(x['lo'])}, {_fmt(x['hi'])}] "
+                      f"(test-retest, n = {int(x['n'])}): the ceiling of any correlation "
+                      f"it can reach.</p>")
+    n = int(study.heldout["n"].max()) if not study.heldout.empty else 0
+    return (f"<section id='verdict'><h2>Verdict on this run</h2><p>Held-out Spearman ρ with "
+            f"each method's difficulty ({html.escape(outcome)}), mean over "
+            f"{len(study.pools) or 1} random anchor pools of n = {n} evaluated samples each, "
+            f"with pooled 95% intervals. <i>Signs, everywhere in this report: every metric reads "
+            f"higher = predicted harder, every difficulty higher = less forgotten, so a "
+            f"working metric has ρ &gt; 0.</i></p><ul>{''.join(lines)}</ul>{retest}</section>")
+
+
+def _study_section(b: _Builder, study) -> None:
+    """The study's tables: held-out statistics over pools, the paired tests, test-retest, the
+    variant chosen on each pool's validation part, the confound check."""
+    b.section("heldout", "Held-out validation over anchor pools",
+              "Every number is on evaluated samples only (never an anchor pool's); mean over "
+              "the pools, [pooled 95% interval]; ‘random’ is the permutation null; sign as "
+              "stated in the verdict.")
+    h = study.heldout
+    for outcome in study.settings.outcomes:
+        rows = h[h["outcome"] == outcome]
+        if rows.empty:
+            continue
+        shown = rows.assign(cell=[f"{_fmt(r.spearman)} [{_fmt(r.spearman_lo)}, "
+                                  f"{_fmt(r.spearman_hi)}]" for r in rows.itertuples()])
+        table = shown.pivot(index="metric", columns="method", values="cell")
+        order = [m for m in ("cud", "selected", "predictor", "combined") if m in table.index]
+        order += sorted(m for m in table.index if m not in order and m != "random")
+        order += ["random"] if "random" in table.index else []
+        b.text(f"<h3>Spearman ρ, {html.escape(outcome)}</h3>")
+        b.table(table.reindex(order), name=f"heldout_spearman_{outcome}")
+        auc = rows.pivot(index="metric", columns="method", values="auroc").reindex(order)
+        b.text(f"<h3>AUROC (hardest vs easiest quartile), {html.escape(outcome)}</h3>")
+        b.table(auc, name=f"heldout_auroc_{outcome}")
+    if not study.paired.empty:
+        b.text("<h3>Paired tests against the best baseline</h3>")
+        b.table(study.paired, name="paired", index=False)
+    if not study.retest.empty:
+        b.text("<h3>Test-retest</h3>")
+        b.table(study.retest, name="retest", index=False)
+    if not study.variants.empty:
+        v = study.variants.groupby("variant").agg(
+            chosen=("selected", "sum"), validation_spearman=("validation_spearman", "mean"))
+        b.text("<h3>Variants: how often each was chosen on a pool's validation part</h3>")
+        b.table(v.sort_values("validation_spearman", ascending=False), name="variants")
+    if not study.confounds.empty:
+        b.text("<h3>Confounds: question type and answer length</h3>")
+        b.table(study.confounds, name="confounds", index=False)
+    b.end()
 
 
 def _structure_section(b: _Builder, inputs: ReportInputs, anchors, stats, cud, forgetting,
@@ -486,8 +589,9 @@ def _extremes(cud_table, samples, anchors, outcomes, outcome, n, ascending) -> p
 
 def _page(title: str, inputs: ReportInputs, b: _Builder) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    names = {"distribution": "CUD", "outcomes": "outcomes", "roc": "ROC",
-             "structure": "structure", "circuits": "circuits", "extremes": "samples"}
+    names = {"distribution": "CUD", "outcomes": "outcomes", "heldout": "held-out",
+             "roc": "ROC", "structure": "structure", "circuits": "circuits",
+             "extremes": "samples"}
     nav = "".join(f'<a href="#{k}">{names.get(k, k)}</a>' for k in b.sections)
     sources = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
                       for k, v in inputs.sources.items())
@@ -497,7 +601,7 @@ def _page(title: str, inputs: ReportInputs, b: _Builder) -> str:
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><p class='muted'>Circuit-guided Unlearning Difficulty"
-            f" · generated {stamp}</p><nav>{nav}</nav>"
+            f" · generated {stamp}</p><nav>{nav}</nav>" + verdict(inputs.study)
             + (f"<h3>Inputs</h3><ul>{sources}</ul>" if sources else "")
             + (f"<div class='notes'><b>Not in this report</b><ul>{notes}</ul></div>"
                if notes else "")
