@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from cud.circuits.graph import Graph
+from cud.difficulty.groundtruth import indexed_by_id
 from cud.errors import ConfigError
 from cud.progress import Progress
 from cud.report import figures as F
@@ -91,14 +92,7 @@ class Report:
 
 
 def _indexed(table: pd.DataFrame | None) -> pd.DataFrame | None:
-    if table is None:
-        return None
-    if "id" in table.columns:
-        table = table.set_index("id")
-    table = table.copy()
-    table.index = table.index.astype(str)
-    table.index.name = "id"
-    return table
+    return None if table is None else indexed_by_id(table)
 
 
 def _numpy(x) -> np.ndarray | None:
@@ -239,80 +233,15 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
         b.notes.append(f"Outcome '{o}': in no method's outcome table, not shown")
     forgetting = {o: f for o, f in forgetting.items() if f}
 
-    # --- CUD distribution ---------------------------------------------------------------------
-    if cud is not None:
-        b.section("distribution", "CUD distribution")
-        b.figure("cud_distribution", lambda: F.cud_distribution(cud, anchors),
-                 "CUD of every sample; anchors in their colours. 0 = circuit like the easy anchor "
-                 "circuit, 1 = like the hard one.")
-        summary = cud.describe()[["count", "mean", "std", "min", "25%", "50%", "75%", "max"]]
-        b.table(summary.to_frame("cud").T, name="cud_summary")
-        b.end()
-    else:
-        b.skip("CUD distribution", "no CUD scores")
-
-    # --- CUD vs outcome -----------------------------------------------------------------------
-    if cud is not None and forgetting:
-        b.section("outcomes", "CUD against the actual outcome",
-                  "Each point is a sample; y is its raw outcome after unlearning with that "
-                  "method. A working CUD puts the samples that are forgotten least on the "
-                  "right: with a ‘higher = more forgotten’ outcome the cloud falls. The titles "
-                  "give the study's held-out ρ with the difficulty (higher = harder), "
-                  "averaged over its anchor pools; the points are the first pool's.")
-        panels, titles = {}, {}
-        for o in forgetting:
-            for method, table in outcome_tables.items():
-                if o in table.columns:
-                    label = f"{method}: {o}"
-                    panels[label] = table[o].astype(float)
-                    titles[label] = _study_title(study, "cud", method, o)
-        b.figure("cud_vs_outcome",
-                 lambda: F.cud_vs_outcome(cud, panels, anchors=anchors, excluded=list(held),
-                                          titles=titles, ncols=min(4, len(outcome_tables))),
-                 "CUD against each method's outcome (" + "; ".join(
-                     f"{o}: {html.escape(_direction(o))}" for o in forgetting) + ").")
-        b.end()
-    else:
-        b.skip("CUD against outcomes", "needs CUD scores and unlearning outcomes")
-
-    # --- the study's held-out tables ----------------------------------------------------------
+    _distribution_section(b, cud, anchors)
+    _outcomes_section(b, cud, forgetting, outcome_tables, study, anchors, held)
     if study is not None:
         _study_section(b, study)
     else:
         b.skip("Held-out validation", "needs a validation folder (`cud validate`)")
-
-    # --- ROC ----------------------------------------------------------------------------------
     first = next(iter(forgetting), None)
-    if first is not None and (cud is not None or baselines is not None):
-        scores = pd.DataFrame(index=pd.Index(sorted(set().union(
-            *(f.index for f in forgetting[first].values()))), name="id"))
-        if cud is not None:
-            scores["cud"] = cud
-        if baselines is not None:
-            for col in baselines.columns:
-                if pd.api.types.is_numeric_dtype(baselines[col]):
-                    scores[col] = baselines[col].astype(float)
-        hard = {}
-        for method, f in forgetting[first].items():
-            f = f[~f.index.isin(held)]
-            hard[method] = f < f.median()
-        b.section("roc", "ROC curves: finding the hard samples",
-                  f"A sample counts as hard for a method when its forgetting "
-                  f"({html.escape(first)}) is below that method's median over the evaluated "
-                  f"samples (the anchor pool left out). Every score is read in the direction "
-                  f"the study read from the anchors (‘-name’: lower = harder).")
-        b.figure("roc_curves", lambda: F.roc_curves(scores, hard, directions=directions),
-                 "ROC curves of CUD (black) and the baselines; AUROC in the legend.")
-        table = F.roc_table(scores, hard, directions=directions)
-        table["score"] = [("-" if n else "") + s for s, n in zip(table["score"], table["negated"])]
-        auc = table.pivot(index="score", columns="method", values="auc")
-        order = list(dict.fromkeys(table["score"]))          # CUD first, as in the scores
-        b.table(auc.reindex(index=order, columns=list(hard)), name="roc_auc")
-        b.end()
-    else:
-        b.skip("ROC curves", "needs unlearning outcomes and CUD or baseline scores")
+    _roc_section(b, first, forgetting, cud, baselines, held, directions)
 
-    # --- structure ----------------------------------------------------------------------------
     stats = _indexed(inputs.statistics)
     if stats is None and inputs.has_circuits:
         from cud.circuits.structure import structure_statistics
@@ -321,32 +250,104 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
         _structure_section(b, inputs, anchors, stats, cud, forgetting, first)
     else:
         b.skip("Structure of the anchor circuits", "needs circuits and anchors")
-
-    # --- drawings -----------------------------------------------------------------------------
     if inputs.has_circuits:
         _drawings(b, inputs, cud, held, draw)
     else:
         b.skip("Circuit drawings", "no circuits")
-
-    # --- hardest and easiest ------------------------------------------------------------------
-    if cud is not None:
-        b.section("extremes", "The hardest and easiest samples by CUD",
-                  "Anchors are marked; outcomes are each method's "
-                  f"{html.escape(first or 'outcome')} ({html.escape(_direction(first or ''))}).")
-        for label, ascending in (("hardest", False), ("easiest", True)):
-            b.text(f"<h3>{n_extremes} {label}</h3>")
-            b.table(_extremes(cud_table, samples, anchors, outcome_tables, first, n_extremes,
-                              ascending), name=label, index=False)
-        if samples is None:
-            b.notes.append("Sample texts: not shown (no samples given)")
-        b.end()
-    else:
-        b.skip("Hardest and easiest samples", "no CUD scores")
+    _extremes_section(b, cud_table, samples, anchors, outcome_tables, first, n_extremes)
 
     page = _page(title, inputs, b)
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return Report(path, b.figures, b.tables, b.sections, b.notes)
+
+
+def _distribution_section(b: "_Builder", cud: pd.Series | None, anchors) -> None:
+    if cud is None:
+        b.skip("CUD distribution", "no CUD scores")
+        return
+    b.section("distribution", "CUD distribution")
+    b.figure("cud_distribution", lambda: F.cud_distribution(cud, anchors),
+             "CUD of every sample; anchors in their colours. 0 = circuit like the easy anchor "
+             "circuit, 1 = like the hard one.")
+    summary = cud.describe()[["count", "mean", "std", "min", "25%", "50%", "75%", "max"]]
+    b.table(summary.to_frame("cud").T, name="cud_summary")
+    b.end()
+
+
+def _outcomes_section(b: "_Builder", cud, forgetting, outcome_tables, study, anchors,
+                      held: set[str]) -> None:
+    if cud is None or not forgetting:
+        b.skip("CUD against outcomes", "needs CUD scores and unlearning outcomes")
+        return
+    b.section("outcomes", "CUD against the actual outcome",
+              "Each point is a sample; y is its raw outcome after unlearning with that "
+              "method. A working CUD puts the samples that are forgotten least on the "
+              "right: with a ‘higher = more forgotten’ outcome the cloud falls. The titles "
+              "give the study's held-out ρ with the difficulty (higher = harder), "
+              "averaged over its anchor pools; the points are the first pool's.")
+    panels, titles = {}, {}
+    for o in forgetting:
+        for method, table in outcome_tables.items():
+            if o in table.columns:
+                label = f"{method}: {o}"
+                panels[label] = table[o].astype(float)
+                titles[label] = _study_title(study, "cud", method, o)
+    b.figure("cud_vs_outcome",
+             lambda: F.cud_vs_outcome(cud, panels, anchors=anchors, excluded=list(held),
+                                      titles=titles, ncols=min(4, len(outcome_tables))),
+             "CUD against each method's outcome (" + "; ".join(
+                 f"{o}: {html.escape(_direction(o))}" for o in forgetting) + ").")
+    b.end()
+
+
+def _roc_section(b: "_Builder", first: str | None, forgetting, cud, baselines, held: set[str],
+                 directions) -> None:
+    if first is None or (cud is None and baselines is None):
+        b.skip("ROC curves", "needs unlearning outcomes and CUD or baseline scores")
+        return
+    scores = pd.DataFrame(index=pd.Index(sorted(set().union(
+        *(f.index for f in forgetting[first].values()))), name="id"))
+    if cud is not None:
+        scores["cud"] = cud
+    if baselines is not None:
+        for col in baselines.columns:
+            if pd.api.types.is_numeric_dtype(baselines[col]):
+                scores[col] = baselines[col].astype(float)
+    hard = {}
+    for method, f in forgetting[first].items():
+        f = f[~f.index.isin(held)]
+        hard[method] = f < f.median()
+    b.section("roc", "ROC curves: finding the hard samples",
+              f"A sample counts as hard for a method when its forgetting "
+              f"({html.escape(first)}) is below that method's median over the evaluated "
+              f"samples (the anchor pool left out). Every score is read in the direction "
+              f"the study read from the anchors (‘-name’: lower = harder).")
+    b.figure("roc_curves", lambda: F.roc_curves(scores, hard, directions=directions),
+             "ROC curves of CUD (black) and the baselines; AUROC in the legend.")
+    table = F.roc_table(scores, hard, directions=directions)
+    table["score"] = [("-" if n else "") + s for s, n in zip(table["score"], table["negated"])]
+    auc = table.pivot(index="score", columns="method", values="auc")
+    order = list(dict.fromkeys(table["score"]))          # CUD first, as in the scores
+    b.table(auc.reindex(index=order, columns=list(hard)), name="roc_auc")
+    b.end()
+
+
+def _extremes_section(b: "_Builder", cud_table, samples, anchors, outcome_tables,
+                      first: str | None, n_extremes: int) -> None:
+    if cud_table is None:
+        b.skip("Hardest and easiest samples", "no CUD scores")
+        return
+    b.section("extremes", "The hardest and easiest samples by CUD",
+              "Anchors are marked; outcomes are each method's "
+              f"{html.escape(first or 'outcome')} ({html.escape(_direction(first or ''))}).")
+    for label, ascending in (("hardest", False), ("easiest", True)):
+        b.text(f"<h3>{n_extremes} {label}</h3>")
+        b.table(_extremes(cud_table, samples, anchors, outcome_tables, first, n_extremes,
+                          ascending), name=label, index=False)
+    if samples is None:
+        b.notes.append("Sample texts: not shown (no samples given)")
+    b.end()
 
 
 def _directions(study, inputs: ReportInputs, anchors) -> dict[str, int] | None:
