@@ -48,10 +48,16 @@ def test_quick_run_ends_with_the_report(model_folder, tmp_path):
     assert set(scores["id"]) == set(forget["id"])
     assert (out / "analysis").is_dir() and (out / "anchors").is_dir()
 
-    # a second run reuses every stage's results: the same circuits, outcomes and scores
+    # a second run reuses every stage's results (the same circuits, outcomes and scores) and,
+    # asked for it now, adds the easy/hard split protocol on the held-out samples
+    config.write_text(config.read_text() + '[study]\nsplit_method = "ga"\n')
     again = CliRunner().invoke(app, ["run", "--config", str(config)])
     assert again.exit_code == 0, again.output
     assert pd.read_parquet(out / "scores" / "scores.parquet").equals(scores)
+    assert "split" in json.loads((out / "run.json").read_text())["seconds"]
+    split = pd.read_parquet(out / "validation" / "split_forget.parquet")
+    assert set(split.index) <= set(study["held_out"]) and len(split) >= 2
+    assert set(pd.read_csv(out / "validation" / "split_summary.csv")["half"]) == {"easy", "hard"}
 
 
 def test_config_files_and_their_errors(tmp_path):

@@ -99,7 +99,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # TOFU forget10 on SmolLM2 on a 2-core CPU in under two hours (notes/tofu.md): a retain
     # subset of 20 authors, bf16 matrix products for training and evaluation (not for the
     # baselines: MRD's 1e-5 weight noise is below bf16's resolution), 5 methods at the
-    # calibrated "tofu" table, shorter greedy answers, 20 anchors a side; the second
+    # calibrated "tofu" table, shorter greedy answers, 20 anchors a side, the easy/hard split
+    # protocol (METHOD §8) with GradDiff; the second
     # measurement of the circuits (test-retest) is a separate run (`retest = true`)
     "tofu": {
         "retain_authors": 20,
@@ -110,7 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "utility_samples": 50, "eval_batch_size": 32,
                        "generation_budget": 1.25},
         "baselines": {"mrd_k": 10},
-        "study": {"k": 20},
+        "study": {"k": 20, "split_method": "graddiff"},
     },
     # METHOD §5's reference hyperparameters and the baselines as their papers define them
     "paper": {

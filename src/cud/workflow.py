@@ -127,6 +127,14 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
                                    scores_out=out / "scores", retest=retest, progress=say)
         result.heldout = study.heldout
 
+    if config.study.split_method:
+        with clock("split"):  # METHOD §8: unlearn the CUD-easy and CUD-hard halves apart
+            from cud.difficulty.split import split_protocol_to_folder
+            split_protocol_to_folder(lm, study, data.forget, data.retain, out / "validation",
+                                     method=config.study.split_method,
+                                     hyperparameter_table=config.unlearning.hyperparameters,
+                                     progress=say)
+
     with clock("analysis"):
         from cud.analysis.stage import analyze_to_folder
         main = study.anchors["main"]

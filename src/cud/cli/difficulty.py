@@ -12,7 +12,7 @@ from cud.cli.common import load, say_text_cuts
 from cud.cli.options import (csv_list, default, id_list, int_list, out_folder, settings_from)
 from cud.cli.render import fmt_ci, progress_bars
 from cud.difficulty.study import StudySettings
-from cud.errors import ConfigError, DataError
+from cud.errors import ConfigError
 
 D = StudySettings
 
@@ -321,30 +321,14 @@ def _validation_summary(study, settings: StudySettings, methods: list[str]) -> N
 
 
 def _split_protocol(study, tables, method, model, data, table_name, device, out_dir: Path):
-    import json
-
-    from cud.data.general import general_knowledge
     from cud.data.prepare import load_samples
-    from cud.difficulty.split import easy_hard_protocol
-    from cud.tables import save_table
+    from cud.difficulty.split import split_protocol_to_folder
 
     samples = load_samples(data)
     with_outcome = {i for t in tables.values() for i in t.index}
-    held = set(study.held_out)
-    forget = [s for s in samples if s.id in held]
     retain = [s for s in samples if s.id not in with_outcome]
-    if len(forget) < 2:
-        raise DataError(f"only {len(forget)} held-out samples of --data have outcomes; is "
-                        f"--data the data `cud unlearn` used?")
     say_text_cuts(samples, model)
     lm = load(model, device)
-    scores = study.metrics.loc[study.metrics["held_out"], "cud"]
     with progress_bars() as bar:
-        result = easy_hard_protocol(lm, forget, scores, retain=retain, general=general_knowledge(),
-                                    method=method, hyperparameter_table=table_name,
-                                    progress=bar)
-    save_table(result.forget, out_dir / "split_forget", index=True)
-    save_table(result.summary, out_dir / "split_summary", index=False)
-    save_table(result.tests, out_dir / "split_tests", index=False)
-    (out_dir / "split.json").write_text(json.dumps(result.settings, indent=1) + "\n")
-    return result
+        return split_protocol_to_folder(lm, study, samples, retain, out_dir, method=method,
+                                        hyperparameter_table=table_name, progress=bar)

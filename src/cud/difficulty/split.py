@@ -17,7 +17,9 @@ and general knowledge no more than unlearning the hard half.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -25,7 +27,7 @@ import pandas as pd
 from scipy import stats
 
 from cud.data.samples import QASample
-from cud.errors import ConfigError
+from cud.errors import ConfigError, DataError
 from cud.progress import Progress
 from cud.models.loading import LoadedModel
 from cud.unlearning.hyperparameters import DEFAULT_TABLE
@@ -148,3 +150,34 @@ def easy_hard_protocol(lm: LoadedModel, forget: Sequence[QASample], scores: pd.S
                 "easy": easy_ids, "hard": hard_ids, "runs": runs}
     return SplitResult(forget=table, retain=retain_t, general=general_t, summary=summary,
                        tests=pd.DataFrame(tests), settings=settings)
+
+
+def split_protocol_to_folder(lm: LoadedModel, study, forget: Sequence[QASample],
+                             retain: Sequence[QASample], out_dir: str | Path, *, method: str,
+                             hyperparameter_table: str = DEFAULT_TABLE,
+                             progress: Progress | None = None) -> SplitResult:
+    """The protocol as a stage (`cud validate --split-method`, ``[study] split_method`` of
+    `cud run`): split the study's held-out samples (``study``: a
+    :class:`~cud.difficulty.study.StudyResult`) by their CUD, unlearn each half with
+    ``method``, keep and measure ``retain`` and general knowledge, and write
+    ``split_forget``, ``split_summary``, ``split_tests`` (Parquet and CSV) and ``split.json``
+    into ``out_dir``."""
+    from cud.data.general import general_knowledge
+    from cud.tables import save_table
+
+    held = set(study.held_out)
+    forget = [s for s in forget if s.id in held]
+    if len(forget) < 2:
+        raise DataError(f"only {len(forget)} held-out samples have outcomes and a CUD; is the "
+                        f"data the one the unlearning run used?")
+    scores = study.metrics.loc[study.metrics["held_out"], "cud"]
+    result = easy_hard_protocol(lm, forget, scores, retain=retain, general=general_knowledge(),
+                                method=method, hyperparameter_table=hyperparameter_table,
+                                progress=progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_table(result.forget, out_dir / "split_forget", index=True)
+    save_table(result.summary, out_dir / "split_summary", index=False)
+    save_table(result.tests, out_dir / "split_tests", index=False)
+    (out_dir / "split.json").write_text(json.dumps(result.settings, indent=1) + "\n")
+    return result

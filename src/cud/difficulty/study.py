@@ -111,8 +111,16 @@ class StudySettings:
     node_k: int = 30
     knn: int = 3
     faithfulness_target: float = 0.5
+    #: also run METHOD §8's easy/hard split protocol with this unlearning method
+    #: (:func:`cud.difficulty.split.split_protocol_to_folder`); None: not run
+    split_method: str | None = None
 
     def __post_init__(self):
+        if self.split_method is not None:
+            from cud.unlearning.methods import METHODS
+            if self.split_method not in METHODS:
+                raise ConfigError(f"unknown split_method '{self.split_method}' "
+                                  f"(choose from {', '.join(METHODS)})")
         if self.distance not in DISTANCES:
             raise ConfigError(f"unknown distance '{self.distance}' "
                               f"(choose from {', '.join(DISTANCES)})")
