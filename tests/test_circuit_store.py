@@ -48,7 +48,8 @@ def test_stored_results_equal_a_direct_computation(lm, samples, tmp_path):
     runner = ResidualRunner(lm.adapter)
     enc = encode_samples(lm.tokenizer, samples)
     for batch in batches(enc, 4, lm.pad_token_id):
-        baseline = CorruptAblation(lm.tokenizer, seed=SETTINGS.seed)  # the default baseline
+        # the default ablation: its corrupted draws, averaged
+        baseline = CorruptAblation(lm.tokenizer, seed=SETTINGS.seed, draws=SETTINGS.draws)
         att = attribute(runner, batch, baseline, SETTINGS.attribution)
         got = cs.subset(batch.ids)
         assert torch.equal(got.edge_scores, att.edge_scores)

@@ -17,7 +17,7 @@ import cud.cli  # as the cud command does: everything imported, then the malloc 
 if sys.argv[1] == "retain":
     from cud.runtime.memory import retain_freed_memory
     assert retain_freed_memory()
-for _ in range(2):  # the heap settles (an aligned block does not fit its own freed space)
+for _ in range(4):  # the heap settles (an aligned block does not fit its own freed space)
     x = torch.ones(16 * 2 ** 20)  # 64 MiB, touched
     del x
 # the steady state of a long run: every pass allocates and frees the same large tensors
