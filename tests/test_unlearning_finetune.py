@@ -79,3 +79,32 @@ def test_end_token_is_taught_after_the_answer():
     assert sum(ended.answer_mask) == sum(e.answer_mask) + 1
     assert cache_key("x", load_qa("builtin:2"), FinetuneSettings()) != \
         cache_key("x", load_qa("builtin:2"), FinetuneSettings(teach_end=False))
+
+
+def test_bf16_matches_fp32_within_its_resolution(tiny_folder, tmp_path):
+    """bf16 matrix products (fp32 master weights and losses): the answer metrics of the same
+    model agree with fp32 to bf16's resolution, and fine-tuning in bf16 teaches as fp32 does."""
+    import torch
+
+    from cud.models.answers import teacher_forced_outcomes
+    from cud.models.loading import load_model
+    from cud.models.precision import matmul_precision
+
+    samples = load_qa("builtin:8")
+    lm = load_model(tiny_folder)
+    fp32 = teacher_forced_outcomes(lm, samples)
+    with matmul_precision(lm.device, True):
+        bf16 = teacher_forced_outcomes(lm, samples)
+    # 8 mantissa bits: each logit to about 0.4 %, a mean answer NLL to well under 2 %
+    relative = ((bf16["nll"] - fp32["nll"]).abs() / fp32["nll"]).max()
+    assert 0 < relative < 0.02, relative                 # > 0: the bf16 path was in effect
+    assert next(lm.model.parameters()).dtype == torch.float32
+
+    taught = {bf16: finetune(tiny_folder, samples,
+                             replace(SMALL, cache_dir=str(tmp_path), bf16=bf16),
+                             keep_model=False).report["after"]
+              for bf16 in (False, True)}
+    before = float(fp32["nll"].mean())
+    assert taught[False]["nll"] < 0.5 * before and taught[True]["nll"] < 0.5 * before, taught
+    # the same schedule lands in the same place, to within a quarter of what is left to learn
+    assert abs(taught[True]["nll"] - taught[False]["nll"]) <= 0.25 * taught[False]["nll"], taught
