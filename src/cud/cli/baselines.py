@@ -9,10 +9,10 @@ import typer
 
 from cud.cli.app import command, console
 from cud.cli.common import load_or_teach, say_text_cuts
-from cud.cli.options import csv_list, default, out_folder, settings_from
+from cud.cli.options import (csv_list, default, distributed, out_folder, ray_address_option,
+                             settings_from, workers_option)
 from cud.cli.render import progress_bars
 from cud.difficulty.baselines import BASELINE_METRICS, BaselineSettings
-from cud.errors import ConfigError
 
 D = BaselineSettings
 
@@ -43,11 +43,8 @@ def baselines(
                                         help="Fine-tune --model on --data first (cached)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: GPU if any)."),
     out: str = typer.Option("cud-out/baselines", help="Output folder (resumable)."),
-    workers: int = typer.Option(1, help="Ray workers to shard the samples over (1: this "
-                                        "process; needs cud[ray] otherwise)."),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run on ('auto', "
-                                                         "'ray://host:10001'); OUT must be on "
-                                                         "storage every node shares."),
+    workers: int = workers_option("samples"),
+    ray_address: Optional[str] = ray_address_option(),
 ):
     """Baseline difficulty metrics of each sample before unlearning (loss, MRD, ...)."""
     from rich.table import Table
@@ -55,18 +52,16 @@ def baselines(
     from cud.data.prepare import load_samples
     from cud.difficulty.baselines import baselines_to_folder
 
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    to_ray = distributed(workers, ray_address)  # refused before any work
     wanted = None if metrics in (None, "all") else tuple(csv_list(metrics))
     settings = settings_from(BaselineSettings, metrics=wanted, min_k=min_k, mrd_k=mrd_k,
                              mrd_sigma=mrd_sigma, mrd_tokens=mrd_tokens, seed=seed)
     folder = out_folder(out)
     samples = load_samples(data, split=split, limit=limit)
     say_text_cuts(samples, model)
-    distributed = workers > 1 or ray_address is not None
     dtype = "float32" if "mrd" in settings.metrics else None
     with progress_bars() as bar:
-        if distributed:
+        if to_ray:
             from cud.runtime.distributed import baseline_metrics_distributed
             from cud.tables import save_table
             if finetune_first:

@@ -9,9 +9,9 @@ import typer
 from cud.circuits.settings import CircuitSettings
 from cud.cli.app import command, console
 from cud.cli.common import load, say_text_cuts
-from cud.cli.options import default, out_folder, settings_from
+from cud.cli.options import (default, distributed, out_folder, ray_address_option,
+                             settings_from, workers_option)
 from cud.cli.render import progress_bars
-from cud.errors import ConfigError
 
 D = CircuitSettings
 
@@ -62,19 +62,15 @@ def circuits(
                                                    "(default: fp32 on CPU, bf16 on GPU)."),
     export_json: bool = typer.Option(False, help="Also write every circuit as EAP-IG JSON "
                                                  "(OUT/json/<id>.json)."),
-    workers: int = typer.Option(1, help="Ray workers to shard the batches over (1: this "
-                                        "process; needs cud[ray] otherwise)."),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to run on ('auto', "
-                                                         "'ray://host:10001'); OUT must be on "
-                                                         "storage every node shares."),
+    workers: int = workers_option("batches"),
+    ray_address: Optional[str] = ray_address_option(),
 ):
     """Find every sample's circuit (EAP-IG) and write scores, circuits and faithfulness to OUT."""
     from cud.circuits.pipeline import find_circuits
     from cud.data import load_qa
     from cud.data.prepare import load_samples
 
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    to_ray = distributed(workers, ray_address)  # refused before any work
     settings = settings_from(CircuitSettings, method=method, steps=steps, metric=metric,
                              ablation=ablation, draws=draws, reference=reference,
                              convention=convention,
@@ -84,9 +80,8 @@ def circuits(
     samples = load_samples(data, split=split, limit=limit)
     ref = load_qa(reference) if reference else None
     say_text_cuts(samples + (ref or []), model)
-    distributed = workers > 1 or ray_address is not None
     with progress_bars() as bar:
-        if distributed:
+        if to_ray:
             from cud.runtime.distributed import find_circuits_distributed
             run = find_circuits_distributed(model, samples, folder, settings, workers=workers,
                                             address=ray_address, device=device, dtype=dtype,

@@ -95,3 +95,23 @@ def out_folder(out: str, option: str = "--out") -> Path:
     if not str(out).strip():
         raise ConfigError(f"{option} is empty; give the folder to write into")
     return Path(out)
+
+
+def workers_option(what: str):
+    """``--workers``: Ray workers to shard ``what`` over (checked by :func:`distributed`)."""
+    import typer
+    return typer.Option(1, help=f"Ray workers to shard the {what} over (1: this process; needs "
+                                "the ray extra, pip install 'cud\\[ray]', otherwise).")
+
+
+def ray_address_option():
+    import typer
+    return typer.Option(None, help="Ray cluster to run on ('auto', 'ray://host:10001'); OUT "
+                                   "must be on storage every node shares.")
+
+
+def distributed(workers: int, ray_address: str | None) -> bool:
+    """Whether the work goes to Ray; refuses a worker count below 1."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    return workers > 1 or ray_address is not None
