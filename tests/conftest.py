@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models of the seven families (built in memory, cached per session), every
+"""Shared fixtures: tiny models of the families (built in memory, cached per session), every
 variant the adapters claim, and a few QA samples of different lengths."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 from cud.data import collate, encode_samples, fictitious_authors
 from cud.models import prepare, tiny_model, tiny_tokenizer
 
-FAMILIES = ("llama", "gpt2", "gpt_neox", "phi", "phi3", "qwen3", "gemma")
+FAMILIES = ("llama", "gpt2", "gpt_neox", "phi", "phi3", "qwen3", "gemma", "olmo2", "gemma2",
+            "gemma3_text")
 
 
 def randomise_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
@@ -109,6 +110,51 @@ VARIANTS = {
     "gemma-mqa": ("gemma", {}),
     "gemma-mha": ("gemma", {"num_key_value_heads": 4}),
 }
+
+#: name -> (family, config overrides) of the post-norm families' variants. Kept apart from
+#: VARIANTS: their head nodes are shares of a normalised sum (see cud.models.adapters.olmo2), so
+#: zeroing a head's slice of the output projection inside HF is not removing that node, and
+#: test_adapters.py checks them with a direct implementation of node removal instead.
+POST_NORM_VARIANTS = {
+    # olmo2 default: grouped-query attention, q_norm / k_norm over the whole projections
+    "olmo2-gqa": ("olmo2", {}),
+    "olmo2-mha": ("olmo2", {"num_key_value_heads": 4}),
+    "olmo2-mqa": ("olmo2", {"num_key_value_heads": 1}),
+    # gemma2 default: grouped-query, head_dim 16, query_pre_attn_scalar 24, soft-capped
+    # attention and logits, layer 0 a sliding-window layer with a window longer than the batch
+    "gemma2-gqa": ("gemma2", {}),
+    "gemma2-window-16": ("gemma2", {"sliding_window": 16}),  # shorter than the batch
+    "gemma2-mqa": ("gemma2", {"num_key_value_heads": 1}),
+    "gemma2-no-softcap": ("gemma2", {"attn_logit_softcapping": None,
+                                     "final_logit_softcapping": None}),
+    "gemma2-3-layers-window-12": ("gemma2", {"num_hidden_layers": 3, "sliding_window": 12}),
+    # gemma3_text default: grouped-query, per-head q/k norms, layer 0 local (base 10^4, window
+    # longer than the batch), layer 1 global (base 10^6), no soft caps
+    "gemma3_text-gqa": ("gemma3_text", {}),
+    "gemma3_text-window-16": ("gemma3_text", {"sliding_window": 16}),
+    "gemma3_text-mqa": ("gemma3_text", {"num_key_value_heads": 1}),
+    "gemma3_text-final-softcap": ("gemma3_text", {"final_logit_softcapping": 3.0}),
+    "gemma3_text-3-layers-window-12": ("gemma3_text", {
+        "num_hidden_layers": 3, "sliding_window": 12,
+        "layer_types": ("sliding_attention", "sliding_attention", "full_attention")}),
+}
+
+
+@pytest.fixture(params=list(POST_NORM_VARIANTS))
+def post_norm_lm(request, make_lm):
+    """A randomised tiny model of every post-norm variant the adapters claim."""
+    family, overrides = POST_NORM_VARIANTS[request.param]
+    return make_lm(family, **overrides)
+
+
+@pytest.fixture
+def post_norm_batch(post_norm_lm, qa_samples):
+    """Four samples of four different lengths, right-padded."""
+    batch = collate(encode_samples(post_norm_lm.tokenizer, qa_samples[:4]),
+                    post_norm_lm.pad_token_id)
+    assert len(set(batch.attention_mask.sum(1).tolist())) == 4
+    return batch
+
 
 #: Other HF model types the llama adapter claims (tiny_model only builds LlamaConfig).
 OTHER_TYPES = {

@@ -403,3 +403,299 @@ def test_phi3_longrope_beyond_the_original_context(qa_samples, randomise):
         assert diff <= ATOL, f"longrope (original context {original}): differs by {diff:.2e}"
         cos[original] = lm.adapter.rotary(batch.input_ids.shape[1], torch.device("cpu"))[0]
     assert not torch.allclose(cos[32], cos[256])  # the long factors were really used
+
+
+# Post-norm families (OLMo 2, Gemma 2, Gemma 3) ---------------------------------------------------
+# Their head nodes are shares w * o_h / r(sum_j o_j) of the layer's normalised attention output
+# (cud.models.adapters.olmo2): the checks above that hold for any node definition are run on
+# them as they are; node removal is checked against a direct implementation of that definition.
+import test_reader_gradients as reader_gradient_checks
+
+
+def _norm_eps(norm: torch.nn.Module) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    return norm.eps if eps is None else eps
+
+
+def test_post_norm_runner_reproduces_hf_logits(post_norm_lm, post_norm_batch):
+    lm, batch = post_norm_lm, post_norm_batch
+    test_runner_reproduces_hf_logits(lm, batch)
+    with torch.no_grad():
+        ours = ResidualRunner(lm.adapter).run(batch.input_ids, batch.attention_mask).logits
+    diff = max_diff_on_real_tokens(ours, hf_logits(lm, batch).logits, batch.attention_mask)
+    print(f"{lm.model.config.model_type} logits max |runner - HF| = {diff:.2e}")
+
+
+def test_post_norm_recorded_outputs_rebuild_the_hf_residual_stream(post_norm_lm,
+                                                                    post_norm_batch):
+    test_recorded_outputs_rebuild_the_hf_residual_stream(post_norm_lm, post_norm_batch)
+
+
+def test_post_norm_pieces(post_norm_lm, post_norm_batch):
+    test_graph_follows_the_adapter(post_norm_lm)
+    test_project_qkv_is_the_per_head_weights(post_norm_lm)
+    test_attention_output_is_the_sum_of_the_heads(post_norm_lm, post_norm_batch)
+
+
+def test_post_norm_patched_runs_follow_the_definition(post_norm_lm, post_norm_batch, randomise):
+    reader_gradient_checks.test_patched_runs_follow_the_definition(post_norm_lm, post_norm_batch,
+                                                                   randomise)
+
+
+def hf_logits_without_node(lm, batch, layer: int, head: int | None):
+    """HF's logits with one node removed, written directly with hooks on HF's modules: a head
+    ``h`` of ``layer`` -> the post-attention norm's output minus that head's share
+    ``w * o_h / r`` (``o_h`` its slice of ``o_proj``, ``r`` the RMS of the norm's input);
+    ``head=None`` -> the layer's MLP node, the post-feedforward norm's output, set to zero."""
+    block = lm.model.model.layers[layer]
+    if head is None:
+        handles = [block.post_feedforward_layernorm.register_forward_hook(
+            lambda module, args, out: torch.zeros_like(out))]
+    else:
+        o_proj, norm = block.self_attn.o_proj, block.post_attention_layernorm
+        e = lm.adapter.head_dim
+        span = slice(head * e, (head + 1) * e)
+        weight = norm.weight + 1 if getattr(lm.adapter, "unit_offset_norms", False) \
+            else norm.weight
+        seen = {}
+
+        def keep_input(module, args):
+            seen["o"] = args[0]
+
+        def remove_share(module, args, out):
+            total = args[0]  # o_proj's output: the sum of the raw heads
+            o_h = seen["o"][..., span] @ o_proj.weight[:, span].T
+            r_inv = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + _norm_eps(norm))
+            return out - weight * o_h * r_inv
+
+        handles = [o_proj.register_forward_pre_hook(keep_input),
+                   norm.register_forward_hook(remove_share)]
+    try:
+        return hf_logits(lm, batch).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_post_norm_removing_a_node_is_removing_its_share(post_norm_lm, post_norm_batch):
+    """Every edge out of a node patched to the zero baseline gives the logits of HF with that
+    node removed as the node definition says (heads: their share of the normalised sum)."""
+    lm, batch = post_norm_lm, post_norm_batch
+    runner = ResidualRunner(lm.adapter)
+    g, a = runner.graph, lm.adapter
+    mask = batch.attention_mask
+    zero = torch.zeros(1, 1, g.n_forward, g.d_model)
+    clean = hf_logits(lm, batch).logits
+    last = a.n_layers - 1
+    worst = 0.0
+    for layer, head in [(0, 0), (0, a.n_heads - 1), (last, 1), (0, None), (last, None)]:
+        forward = g.mlp_forward(layer) if head is None else g.head_forward(layer, head)
+        reference = hf_logits_without_node(lm, batch, layer, head)
+        keep = torch.ones(1, g.n_edges)
+        keep[0, torch.as_tensor(g.edge_parent == forward)] = 0
+        with torch.no_grad():
+            patched = runner.run(batch.input_ids, mask,
+                                 patch=EdgePatch(keep=g.to_matrix(keep), baseline=zero)).logits
+        name = g.forward_names[forward]
+        assert max_diff_on_real_tokens(reference, clean, mask) > 100 * ATOL, \
+            f"removing {name} changes nothing; the comparison would be vacuous"
+        diff = max_diff_on_real_tokens(patched, reference, mask)
+        worst = max(worst, diff)
+        assert diff <= ATOL, f"removing {name}: runner and the direct removal differ by {diff:.2e}"
+    print(f"{lm.model.config.model_type} node removal max |runner - direct| = {worst:.2e}")
+
+
+def test_olmo2_q_norm_spans_all_heads_and_one_heads_q_input(make_lm, qa_samples):
+    """OLMo 2's q_norm is one RMSNorm over all heads' q projections, so a head's q is a
+    function of the whole projection of its q input: patching one edge into head 2's q input
+    of layer 1 (from the input node, to a baseline u) is HF with q_norm's output for that
+    head's slice taken from q_norm(q_proj(residual - embedding + u)), every other head's q and
+    every other reader clean."""
+    lm = make_lm("olmo2")
+    a = lm.adapter
+    attn = lm.model.model.layers[1].self_attn
+    assert attn.q_norm.weight.shape == (a.n_heads * a.head_dim,)
+    assert attn.k_norm.weight.shape == (a.n_kv_heads * a.head_dim,)
+    assert a.reader_norm(0) is None and ResidualRunner(a).copies
+    batch = collate(encode_samples(lm.tokenizer, qa_samples[:4]), lm.pad_token_id)
+    mask = batch.attention_mask
+    head, e = 2, a.head_dim
+    span = slice(head * e, (head + 1) * e)
+    u = 3 * torch.randn(a.d_model, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def keep_input(module, args, kwargs):
+        seen["x"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    def splice(module, args, out):
+        y = attn.q_proj(seen["x"] - lm.model.model.embed_tokens(batch.input_ids) + u)
+        normed = module.weight * y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True)
+                                                 + _norm_eps(module))
+        out = out.clone()
+        out[..., span] = normed[..., span]
+        return out
+
+    handles = [attn.register_forward_pre_hook(keep_input, with_kwargs=True),
+               attn.q_norm.register_forward_hook(splice)]
+    try:
+        reference = hf_logits(lm, batch).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    runner = ResidualRunner(a)
+    g = runner.graph
+    keep = torch.ones(1, g.n_edges)
+    keep[0, g.edge_lookup[f"input->a1.h{head}<q>"]] = 0
+    baseline = torch.zeros(1, 1, g.n_forward, g.d_model)
+    baseline[0, 0, 0] = u
+    with torch.no_grad():
+        patched = runner.run(batch.input_ids, mask, patch=EdgePatch(
+            keep=g.to_matrix(keep), baseline=baseline)).logits
+    clean = hf_logits(lm, batch).logits
+    assert max_diff_on_real_tokens(reference, clean, mask) > 100 * ATOL
+    diff = max_diff_on_real_tokens(patched, reference, mask)
+    print(f"olmo2 one head's q input patched: max |runner - HF splice| = {diff:.2e}")
+    assert diff <= ATOL
+
+
+def test_olmo2_with_an_attention_output_bias_is_refused(randomise):
+    from cud.models import tiny_model
+    with pytest.raises(ModelError, match="output bias"):
+        tiny_model("olmo2", attention_bias=True)
+
+
+def test_post_norm_shared_capture_gives_the_gradients_of_copies(post_norm_lm, post_norm_batch):
+    """Families with a norm in front of attention (Gemma 2 / 3) use the shared capture: the
+    post-norm acts on the sum of heads, so each head's q/k/v gradient in the shared pass is its
+    own. OLMo 2 has no such norm (q/k norms act on the projections): copies capture only."""
+    lm, batch = post_norm_lm, post_norm_batch
+    a = lm.adapter
+    if lm.model.config.model_type == "olmo2":
+        assert a.reader_norm(0) is None and ResidualRunner(a).copies
+        return
+    test_reader_norm_writes_out_the_models_norm(lm)
+    for baseline in ("zero", "corrupt"):
+        reader_gradient_checks.test_shared_capture_gives_the_gradients_of_copies(
+            lm, batch, baseline, 2)
+    reader_gradient_checks.test_shared_capture_gives_the_scores_of_copies(
+        lm, batch, "eap-ig-activations")
+
+
+# Gemma 2 -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change", [{"attn_logit_softcapping": 1.0},
+                                    {"final_logit_softcapping": None},
+                                    {"sliding_window": 16},
+                                    {"query_pre_attn_scalar": 16}], ids=str)
+def test_gemma2_pieces_each_change_the_logits(change, make_lm, qa_samples):
+    """The default tiny Gemma 2 and the same weights with one piece changed (the attention
+    soft cap 5 -> 1, the final one off, layer 0's window shorter than the batch, the query
+    scalar = head_dim): HF's logits move,
+    and the runner follows HF in both (so each piece is really computed, and computed right)."""
+    default, changed = make_lm("gemma2"), make_lm("gemma2", **change)
+    for p, q in zip(default.model.parameters(), changed.model.parameters()):
+        assert torch.equal(p, q)
+    batch = collate(encode_samples(default.tokenizer, qa_samples[:4]), default.pad_token_id)
+    mask = batch.attention_mask
+    assert default.adapter.sliding_layers == changed.adapter.sliding_layers == frozenset({0})
+    assert batch.input_ids.shape[1] > 16
+    ref_default, ref_changed = hf_logits(default, batch).logits, hf_logits(changed, batch).logits
+    assert max_diff_on_real_tokens(ref_default, ref_changed, mask) > 100 * ATOL
+    for lm, reference in ((default, ref_default), (changed, ref_changed)):
+        with torch.no_grad():
+            ours = ResidualRunner(lm.adapter).run(batch.input_ids, mask).logits
+        assert max_diff_on_real_tokens(ours, reference, mask) <= ATOL
+
+
+def test_gemma2_input_node_is_hfs_scaled_embedding(make_lm, qa_samples):
+    lm = make_lm("gemma2")
+    batch = collate(encode_samples(lm.tokenizer, qa_samples[:2]), lm.pad_token_id)
+    hidden = hf_logits(lm, batch, output_hidden_states=True).hidden_states[0]
+    with torch.no_grad():
+        ours = lm.adapter.embed(batch.input_ids)
+    scale = torch.tensor(lm.adapter.d_model ** 0.5)
+    assert torch.equal(ours, lm.model.model.embed_tokens.weight[batch.input_ids] * scale)
+    assert torch.equal(ours, hidden)
+
+
+def test_gemma2_with_an_attention_output_bias_is_refused():
+    from cud.models import tiny_model
+    with pytest.raises(ModelError, match="output bias"):
+        tiny_model("gemma2", attention_bias=True)
+
+
+# Gemma 3 (text) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("change", [{"rope_local_base_freq": 1e6},
+                                    {"sliding_window": 16},
+                                    {"query_pre_attn_scalar": 1},
+                                    {"final_logit_softcapping": 3.0}], ids=str)
+def test_gemma3_pieces_each_change_the_logits(change, make_lm, qa_samples):
+    """The default tiny Gemma 3 and the same weights with one piece changed (the local layer's
+    rotary base = the global one, layer 0's window shorter than the batch, the query scalar
+    24 -> 1, a final soft cap): HF's logits move, and the runner follows HF in both."""
+    default, changed = make_lm("gemma3_text"), make_lm("gemma3_text", **change)
+    for p, q in zip(default.model.parameters(), changed.model.parameters()):
+        assert torch.equal(p, q)
+    assert default.adapter.local_layers == frozenset({0})
+    batch = collate(encode_samples(default.tokenizer, qa_samples[:4]), default.pad_token_id)
+    mask = batch.attention_mask
+    assert batch.input_ids.shape[1] > 16
+    ref_default, ref_changed = hf_logits(default, batch).logits, hf_logits(changed, batch).logits
+    assert max_diff_on_real_tokens(ref_default, ref_changed, mask) > 100 * ATOL
+    for lm, reference in ((default, ref_default), (changed, ref_changed)):
+        with torch.no_grad():
+            ours = ResidualRunner(lm.adapter).run(batch.input_ids, mask).logits
+        assert max_diff_on_real_tokens(ours, reference, mask) <= ATOL
+
+
+def test_gemma3_local_and_global_rotary_tables(make_lm):
+    a = make_lm("gemma3_text").adapter
+    ctx = a.context(torch.ones(1, 8, dtype=torch.bool))
+    assert not torch.allclose(ctx.rotary[0], ctx.local_rotary[0])
+    assert a._rotary(0, ctx) is ctx.local_rotary and a._rotary(1, ctx) is ctx.rotary
+    q_norm = a.layers[0].self_attn.q_norm
+    assert q_norm.weight.shape == (a.head_dim,) and q_norm.weight.abs().max() > 0.01
+
+
+def test_gemma3_attention_soft_cap_is_ignored_as_by_hf(make_lm, qa_samples):
+    """HF's Gemma 3 attention does not apply ``attn_logit_softcapping``; neither does the
+    adapter (so that it reproduces HF)."""
+    default, capped = make_lm("gemma3_text"), make_lm("gemma3_text", attn_logit_softcapping=1.0)
+    batch = collate(encode_samples(default.tokenizer, qa_samples[:2]), default.pad_token_id)
+    reference = hf_logits(default, batch).logits
+    assert torch.equal(hf_logits(capped, batch).logits, reference)
+    with torch.no_grad():
+        ours = ResidualRunner(capped.adapter).run(batch.input_ids, batch.attention_mask).logits
+    assert max_diff_on_real_tokens(ours, reference, batch.attention_mask) <= ATOL
+
+
+def test_gemma3_bidirectional_is_refused():
+    from cud.models import tiny_model
+    with pytest.raises(ModelError, match="bidirectional"):
+        tiny_model("gemma3_text", use_bidirectional_attention=True)
+
+
+@pytest.mark.parametrize("family", ["olmo2", "gemma2", "gemma3_text"])
+def test_post_norm_families_norms_are_hfs_norms(family, randomise):
+    """Every RMSNorm the post-norm adapters compute (post-attention and post-feedforward norms,
+    q/k norms, the final norm) is HF's module bit for bit in float32 and bfloat16."""
+    from cud.models import tiny_model
+    lm = tiny_model(family)
+    randomise(lm.model)
+    a = lm.adapter
+    block = a.layers[1]
+    modules = [block.post_attention_layernorm, block.post_feedforward_layernorm, a.backbone.norm]
+    if family != "olmo2":
+        modules += [block.input_layernorm, block.pre_feedforward_layernorm]
+    widths = {id(m): m.weight.shape[0] for m in modules}
+    if hasattr(block.self_attn, "q_norm"):
+        modules += [block.self_attn.q_norm, block.self_attn.k_norm]
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        lm.model.to(dtype)
+        for module in modules:
+            x = (3 * torch.randn(2, 7, module.weight.shape[0], generator=gen) + 0.5).to(dtype)
+            ours = a._norm(module)
+            with torch.no_grad():
+                got, hf = ours(x), module(x)
+            assert got.dtype == hf.dtype == dtype and torch.equal(got, hf), (module, dtype)
+    assert all(width == a.d_model for width in widths.values())

@@ -179,6 +179,19 @@ def test_eap_ig_ranks_edges_like_brute_force_patching(metric, method, baseline, 
         # scale-invariant along the path from 0, so the zero path's q/k edges get first-order
         # scores for effects that are second order; the corrupt path is fine (>= 0.94)
         pytest.skip("q/k norms: the zero path and brute force disagree on q/k edges (README)")
+    if family == "gemma2" and baseline == "zero":
+        # measured kl 0.796/0.813, logprob 0.870/0.849 (two samples): in the tiny default-init
+        # model attention is nearly uniform, so single q/k-edge effects into layer 1 are second
+        # order (~1e-13, v edges ~1e-8) while the zero path, moving a whole layer from 0,
+        # scores them first order (~1e-11): the q/k edges rank at random (rho ~0); the corrupt
+        # paths agree (>= 0.89)
+        pytest.skip("post-norm: the zero path and brute force disagree on q/k edges (README)")
+    if family == "gemma3_text" and baseline == "zero":
+        # measured kl 0.732/0.764, logprob 0.785/0.824 (two samples): both causes above at once
+        # (per-head q/k norms, post-norms; q/k edges rank at random, rho -0.2-0.4); the corrupt
+        # paths agree (>= 0.89)
+        pytest.skip("q/k norms and post-norm: the zero path and brute force disagree on q/k "
+                    "edges (README)")
     lm = make_lm(family, dtype=torch.float64, randomised=False)
     runner = ResidualRunner(lm.adapter)
     batch = encode(lm, qa_samples[:2])

@@ -304,7 +304,7 @@ class _Pass:
                                     summed=True)
         if self.outputs is not None:  # the heads one by one, only to record them
             with torch.no_grad():
-                heads = (o.detach() @ a.output_weight(layer)).transpose(1, 2)
+                heads = a.head_outputs(layer, o.detach())
                 self.emit(self.interpolate(heads, f0, f0 + a.n_heads, False), f0)
         return attn_out
 

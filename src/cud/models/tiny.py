@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, GemmaConfig, GPT2Config, GPTNeoXConfig,
-                          LlamaConfig, Phi3Config, PhiConfig, PreTrainedTokenizerFast,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig,
+                          GPT2Config, GPTNeoXConfig, LlamaConfig, Olmo2Config, Phi3Config,
+                          PhiConfig, PreTrainedTokenizerFast, Qwen3Config)
 
 from cud.models.loading import LoadedModel, prepare
 
-FAMILIES = ("llama", "gpt2", "gpt_neox", "phi", "phi3", "qwen3", "gemma")
+FAMILIES = ("llama", "gpt2", "gpt_neox", "phi", "phi3", "qwen3", "gemma", "olmo2", "gemma2",
+            "gemma3_text")
 _SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>"]
 _CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -89,6 +90,37 @@ def tiny_config(family: str, vocab_size: int, **overrides):
                    rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
         cfg.update(overrides)
         return GemmaConfig(**cfg)
+    if family == "olmo2":  # post-norm, q_norm / k_norm over the whole projections
+        cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        cfg.update(overrides)
+        return Olmo2Config(**cfg)
+    if family == "gemma2":  # post-norm Gemma, soft caps, query_pre_attn_scalar != head_dim
+        # soft caps smaller than the released 50 / 30, so that they change a tiny model's logits;
+        # layer 0 is a sliding-window layer, its window (256) longer than any test batch unless
+        # overridden (as for the other families, the window is a variant)
+        cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, query_pre_attn_scalar=24, max_position_embeddings=256,
+                   sliding_window=256, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   tie_word_embeddings=True, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2)
+        cfg.update(overrides)
+        return Gemma2Config(**cfg)
+    if family == "gemma3_text":  # Gemma 2's block, per-head q/k norms, local/global rotary bases
+        # layer 0 local (sliding, base 10^4; its window longer than any test batch unless
+        # overridden), layer 1 global (base 10^6)
+        cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, query_pre_attn_scalar=24, max_position_embeddings=256,
+                   sliding_window=256, layer_types=["sliding_attention", "full_attention"],
+                   tie_word_embeddings=True, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2)
+        cfg.update(overrides)
+        cfg["layer_types"] = list(cfg["layer_types"])  # a tuple in a hashable override
+        return Gemma3TextConfig(**cfg)
     raise ValueError(f"unknown family '{family}' (choose from {', '.join(FAMILIES)})")
 
 
@@ -99,13 +131,27 @@ def tiny_model(family: str = "llama", *, seed: int = 0, dtype: torch.dtype = tor
     config = tiny_config(family, vocab_size=len(tokenizer), **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    if family == "qwen3":
+    if family in ("qwen3", "olmo2"):
         # q_norm / k_norm initialised to 1 make a tiny model's attention saturated from the
         # start (unit-size q and k); 0.2 keeps it soft, where single-edge effects are
-        # near-linear (the attribution tests compare EAP-IG with brute-force patching there)
+        # near-linear (the attribution tests compare EAP-IG with brute-force patching there;
+        # OLMo 2 with unit q/k norms: Spearman 0.62-0.79, with 0.2: 0.87-0.93)
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.mul_(0.2)
                 layer.self_attn.k_norm.weight.mul_(0.2)
+    if family in ("gemma2", "gemma3_text"):
+        # post-norm gains initialised to (1 + 0) = 1 make every sublayer write a unit-size
+        # output, ten times the scaled embedding (0.11): each layer overwrites the stream, and
+        # greedy circuits of the zero baseline's scores are erratic (Gemma 2: faithfulness
+        # Spearman over n 0.76). Gains of 0.1 keep the writes at the embedding's scale, small
+        # against the stream as in trained models (Gemma 2: 0.88)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.post_attention_layernorm.weight.fill_(-0.9)
+                layer.post_feedforward_layernorm.weight.fill_(-0.9)
+                if family == "gemma3_text":  # (1 + w) = 0.2, as Qwen3's q/k norm gains above
+                    layer.self_attn.q_norm.weight.fill_(-0.8)
+                    layer.self_attn.k_norm.weight.fill_(-0.8)
     model.to(dtype)
     return prepare(model, tokenizer, name=f"tiny-{family}")

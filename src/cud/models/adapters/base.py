@@ -194,7 +194,12 @@ class ResidualAdapter(ABC):
     def attention_heads(self, layer: int, x: Tensor, ctx: AttentionContext) -> Tensor:
         """Per-head outputs (B, T, H, d) of ``layer``'s attention, output bias excluded; ``x`` as
         in :meth:`attention_values`."""
-        o = self.attention_values(layer, x, ctx)
+        return self.head_outputs(layer, self.attention_values(layer, x, ctx))
+
+    def head_outputs(self, layer: int, o: Tensor) -> Tensor:
+        """(B, H, T, e) attention-weighted values -> (B, T, H, d) the heads' node outputs: each
+        head's slice of the output projection. Post-norm families (a norm over the layer's
+        summed attention output) override this with their own node definition."""
         return (o @ self.output_weight(layer)).transpose(1, 2)
 
     def attention_output(self, layer: int, o: Tensor) -> Tensor:
