@@ -12,10 +12,11 @@ authors, bf16 on CPU): one epoch (50 steps of 8) per method. GradDiff's rate was
 model (400 forget samples): 5e-5 raised the forget NLL by a median 0.34 nats and forgot 6 % of the
 samples (answer probability < 0.1), 1e-4 by a median 3.1 nats (10th-90th percentile 1.4-7.3)
 and forgot 71 % with the retain NLL up by a median 0.59 (fp32 products, batches in random
-order). In the preset's own path (bf16 products, length-grouped batches) the same 1e-4 collapsed
-the model instead (forget NLL up a median 22 nats, every sample forgotten, retain NLL up 6.0;
-notes/tofu.md): this table is not calibrated for that path yet. The other methods' rates are set
-by analogy with ``quick`` (not calibrated on TOFU).
+order). In bf16 products with length-grouped batches the same 1e-4 collapsed the same
+fine-tuned model instead (forget NLL up a median 22 nats, every sample forgotten, retain NLL up
+6.0), while fp32 products in random order gave a median +1.9 nats (10th-90th percentile
+0.8-3.6), 40 % forgotten, retain NLL +0.57 (notes/tofu.md): the ``tofu`` run preset unlearns in
+that path. The other methods' rates are set by analogy with ``quick`` (not calibrated on TOFU).
 """
 
 from __future__ import annotations
