@@ -278,6 +278,20 @@ def test_new_family_variants_are_what_they_claim(make_lm):
     assert gemma.model.lm_head.weight is gemma.model.model.embed_tokens.weight
 
 
+def assert_runner_follows_hf_in_both(a, b, batch):
+    """``a`` and ``b`` have the very same weights, their HF logits differ on ``batch`` (so the
+    changed setting is really computed), and the runner reproduces HF's logits in both."""
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+    mask = batch.attention_mask
+    ref_a, ref_b = hf_logits(a, batch).logits, hf_logits(b, batch).logits
+    assert max_diff_on_real_tokens(ref_a, ref_b, mask) > 100 * ATOL
+    for lm, reference in ((a, ref_a), (b, ref_b)):
+        with torch.no_grad():
+            ours = ResidualRunner(lm.adapter).run(batch.input_ids, mask).logits
+        assert max_diff_on_real_tokens(ours, reference, mask) <= ATOL
+
+
 @pytest.mark.parametrize("family, window", [
     ("phi3", {"sliding_window": 12}),
     ("qwen3", {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 1})])
@@ -286,17 +300,9 @@ def test_sliding_window_shorter_than_the_sequence_changes_the_logits(family, win
     """The window variants are the default models' very weights with a window: the window must
     change HF's logits (else the variant tests nothing), and the runner follows HF in both."""
     full, windowed = make_lm(family), make_lm(family, **window)
-    for p, q in zip(full.model.parameters(), windowed.model.parameters()):
-        assert torch.equal(p, q)
     batch = collate(encode_samples(full.tokenizer, qa_samples[:4]), full.pad_token_id)
-    mask = batch.attention_mask
     assert batch.input_ids.shape[1] > 12
-    ref_full, ref_windowed = hf_logits(full, batch).logits, hf_logits(windowed, batch).logits
-    assert max_diff_on_real_tokens(ref_full, ref_windowed, mask) > 100 * ATOL
-    for lm, reference in ((full, ref_full), (windowed, ref_windowed)):
-        with torch.no_grad():
-            ours = ResidualRunner(lm.adapter).run(batch.input_ids, mask).logits
-        assert max_diff_on_real_tokens(ours, reference, mask) <= ATOL
+    assert_runner_follows_hf_in_both(full, windowed, batch)
 
 
 def test_phi_block_is_parallel_with_one_shared_norm(make_lm, qa_samples):
@@ -592,18 +598,10 @@ def test_gemma2_pieces_each_change_the_logits(change, make_lm, qa_samples):
     scalar = head_dim): HF's logits move,
     and the runner follows HF in both (so each piece is really computed, and computed right)."""
     default, changed = make_lm("gemma2"), make_lm("gemma2", **change)
-    for p, q in zip(default.model.parameters(), changed.model.parameters()):
-        assert torch.equal(p, q)
     batch = collate(encode_samples(default.tokenizer, qa_samples[:4]), default.pad_token_id)
-    mask = batch.attention_mask
     assert default.adapter.sliding_layers == changed.adapter.sliding_layers == frozenset({0})
     assert batch.input_ids.shape[1] > 16
-    ref_default, ref_changed = hf_logits(default, batch).logits, hf_logits(changed, batch).logits
-    assert max_diff_on_real_tokens(ref_default, ref_changed, mask) > 100 * ATOL
-    for lm, reference in ((default, ref_default), (changed, ref_changed)):
-        with torch.no_grad():
-            ours = ResidualRunner(lm.adapter).run(batch.input_ids, mask).logits
-        assert max_diff_on_real_tokens(ours, reference, mask) <= ATOL
+    assert_runner_follows_hf_in_both(default, changed, batch)
 
 
 def test_gemma2_input_node_is_hfs_scaled_embedding(make_lm, qa_samples):
@@ -633,18 +631,10 @@ def test_gemma3_pieces_each_change_the_logits(change, make_lm, qa_samples):
     rotary base = the global one, layer 0's window shorter than the batch, the query scalar
     24 -> 1, a final soft cap): HF's logits move, and the runner follows HF in both."""
     default, changed = make_lm("gemma3_text"), make_lm("gemma3_text", **change)
-    for p, q in zip(default.model.parameters(), changed.model.parameters()):
-        assert torch.equal(p, q)
     assert default.adapter.local_layers == frozenset({0})
     batch = collate(encode_samples(default.tokenizer, qa_samples[:4]), default.pad_token_id)
-    mask = batch.attention_mask
     assert batch.input_ids.shape[1] > 16
-    ref_default, ref_changed = hf_logits(default, batch).logits, hf_logits(changed, batch).logits
-    assert max_diff_on_real_tokens(ref_default, ref_changed, mask) > 100 * ATOL
-    for lm, reference in ((default, ref_default), (changed, ref_changed)):
-        with torch.no_grad():
-            ours = ResidualRunner(lm.adapter).run(batch.input_ids, mask).logits
-        assert max_diff_on_real_tokens(ours, reference, mask) <= ATOL
+    assert_runner_follows_hf_in_both(default, changed, batch)
 
 
 def test_gemma3_local_and_global_rotary_tables(make_lm):

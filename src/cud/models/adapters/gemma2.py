@@ -48,7 +48,6 @@ class Gemma2Adapter(PostNormHeads, GemmaAdapter):
 
     def __init__(self, model):
         super().__init__(model)
-        self._refuse_output_bias()
         cfg = model.config
         self.scale = cfg.query_pre_attn_scalar ** -0.5
         self.attn_cap = getattr(cfg, "attn_logit_softcapping", None)

@@ -80,6 +80,12 @@ class PostNormHeads:
     """Mixin for adapters whose attention output goes through a norm before entering the stream:
     head nodes are their shares of the normalised sum (see the module docstring)."""
 
+    def __init__(self, model):
+        super().__init__(model)
+        if any(block.self_attn.o_proj.bias is not None for block in self.layers):
+            raise ModelError(f"{self.family}: an attention output bias inside the post-attention "
+                             "norm belongs to no head node; such models are not supported")
+
     def post_attention_norm(self, layer: int) -> WideRMSNorm:
         raise NotImplementedError
 
@@ -90,19 +96,10 @@ class PostNormHeads:
     def attention_output(self, layer: int, o: Tensor) -> Tensor:
         return self.post_attention_norm(layer)(super().attention_output(layer, o))
 
-    def _refuse_output_bias(self) -> None:
-        if any(block.self_attn.o_proj.bias is not None for block in self.layers):
-            raise ModelError(f"{self.family}: an attention output bias inside the post-attention "
-                             "norm belongs to no head node; such models are not supported")
-
 
 class Olmo2Adapter(PostNormHeads, WideNormLlamaAdapter):
     family = "olmo2"
     model_types = ("olmo2",)
-
-    def __init__(self, model):
-        super().__init__(model)
-        self._refuse_output_bias()
 
     def _norm(self, module: torch.nn.Module) -> WideRMSNorm:
         return Olmo2RMSNorm(module)
