@@ -61,6 +61,44 @@ def test_mrd_resumes_to_the_same_result(lm, samples, tmp_path):
     np.testing.assert_allclose(resumed.to_numpy(), full.to_numpy(), rtol=1e-12)
 
 
+def test_target_logprobs_stay_nonzero_where_float32_rounds_to_certainty():
+    from cud.difficulty.baselines import _target_logprobs
+    rng = np.random.default_rng(0)
+    logits = torch.tensor(rng.normal(size=(4, 50)), dtype=torch.float32)
+    targets = torch.tensor([3, 7, 11, 0])
+    logits[0, 3] += 30.0   # memorised: float32 log-softmax says exactly 0
+    logits[1, 7] += 60.0   # beyond a float64 log-softmax too (gap > 37 + ln 50)
+    got = _target_logprobs(logits, targets)
+    assert got.dtype == torch.float64
+    assert logits.log_softmax(-1)[0, 3] == 0.0 and logits.log_softmax(-1)[1, 7] == 0.0
+    for row in range(4):  # exact: log p_t = -log1p(sum_j!=t exp(x_j - x_t)) in Python floats
+        x = logits[row].double().tolist()
+        t = int(targets[row])
+        rest = sum(math.exp(v - x[t]) for j, v in enumerate(x) if j != t)
+        assert got[row].item() == pytest.approx(-math.log1p(rest), rel=1e-9, abs=0)
+        assert got[row].item() < 0
+
+
+def test_mrd_is_defined_for_a_memorised_answer(samples):
+    """A sample whose first answer token the model is certain of (float32 log-prob exactly 0)
+    got MRD = 0/0 = NaN; the float64 log-probabilities keep every sample finite."""
+    lm = tiny_model("llama", seed=3)
+    batch = collate(encode_samples(lm.tokenizer, samples[:1]), lm.pad_token_id)
+    first = int(answer_logits(lm.model, batch).targets[0])
+    head = lm.model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[first] = 40.0
+    lm.model.lm_head = biased
+    al = answer_logits(lm.model, batch)
+    assert al.token_logprobs()[0] == 0.0  # the precondition: float32 says certain
+    values = mrd(lm, samples, sigma=1e-3, k=2)
+    assert values.notna().all() and np.isfinite(values).all()
+    assert (values > 0).all()
+
+
 def test_mrd_all_tokens_option_and_errors(lm, samples):
     assert mrd(lm, samples, sigma=1e-3, k=2, tokens="all").notna().all()
     with pytest.raises(ConfigError):

@@ -125,23 +125,46 @@ def gradient_norms(lm: LoadedModel, samples: Sequence[QASample], *,
     return pd.Series(out, index=pd.Index([s.id for s in samples], name="id"), name="grad_norm")
 
 
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) float64 log p(target) from (N, V) logits, exact near log p = 0.
+
+    MRD divides by the clean log-probability, and a memorised token's is exactly 0 in float32
+    (and in a float64 log-softmax once the logit gap passes about 37 + ln V), which made MRD 0/0
+    for a quarter of TOFU's fine-tuned answers. Where the target is the top logit,
+    log p = -log1p(sum_j!=t exp(x_j - x_t)) keeps it nonzero until every other logit is about
+    745 below the target's; elsewhere p <= 1/2 and a float64 log-softmax is exact enough."""
+    x = logits.double()
+    target = x.gather(-1, targets[:, None])
+    rest = torch.exp((x - target).clamp(max=0.0))
+    rest.scatter_(-1, targets[:, None], 0.0)
+    near_one = -torch.log1p(rest.sum(-1))
+    usual = x.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    top = x.argmax(-1) == targets
+    return torch.where(top, near_one, usual)
+
+
 def _token_logprobs(model, batch: Batch, tokens: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) log p(x_t | x_<t) and (N,) batch row of each scored token. ``tokens``: ``answer``
-    (answer tokens) or ``all`` (every real token after the first)."""
+    """(N,) float64 log p(x_t | x_<t) and (N,) batch row of each scored token. ``tokens``:
+    ``answer`` (answer tokens) or ``all`` (every real token after the first)."""
     if tokens == "answer":
         al = answer_logits(model, batch)
-        return al.token_logprobs().double(), al.rows
+        return _target_logprobs(al.logits, al.targets), al.rows
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
                    use_cache=False).logits[:, :-1]
     keep = batch.attention_mask[:, 1:]
-    logp = logits.float().log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
     rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
-    return logp[keep].double(), rows
+    return _target_logprobs(logits[keep], batch.input_ids[:, 1:][keep]), rows
+
+
+#: bumped when MRD's arithmetic changes, so a checkpoint or cached value of the old one is not
+#: resumed into the new (2: float64 log-probabilities exact near 0, no 0/0)
+MRD_VERSION = 2
 
 
 def _mrd_key(lm: LoadedModel, samples: Sequence[QASample], sigma: float, k: int, seed: int,
              tokens: str, batch_size: int) -> str:
-    h = hashlib.sha256(json.dumps([lm.name, sigma, k, seed, tokens, batch_size]).encode())
+    h = hashlib.sha256(json.dumps([MRD_VERSION, lm.name, sigma, k, seed, tokens,
+                                   batch_size]).encode())
     for s in samples:
         h.update(s.identity().encode())
     return h.hexdigest()[:16]
@@ -198,7 +221,9 @@ def mrd(lm: LoadedModel, samples: Sequence[QASample], *, sigma: float = 1e-5, k:
                     p.copy_(p0 + sigma * noise.to(p.device, p.dtype))
             for b, (p_clean, rows), a in zip(batch_list, clean, acc):
                 p_pert, _ = _token_logprobs(model, b, tokens)
-                rel = (p_clean - p_pert) / p_clean
+                # a token certain even in float64 (every other logit ~745 below) cannot move
+                rel = torch.where(p_clean < 0, (p_clean - p_pert) / p_clean.clamp(max=-1e-300),
+                                  torch.zeros_like(p_clean))
                 a.index_add_(0, rows, rel)
             if ckpt is not None:
                 _save_checkpoint(ckpt, key, draw + 1, acc)
@@ -277,7 +302,7 @@ def baseline_metrics(lm: LoadedModel, samples: Sequence[QASample],
             lm, samples, progress=progress)), ids)
     if "mrd" in b.metrics:
         ckpt = work / "mrd.checkpoint.npz" if work is not None else None
-        table["mrd"] = _col(cached("mrd", [b.mrd_sigma, b.mrd_k, b.mrd_tokens, b.seed],
+        table["mrd"] = _col(cached("mrd", [MRD_VERSION, b.mrd_sigma, b.mrd_k, b.mrd_tokens, b.seed],
                                    lambda: mrd(lm, samples, sigma=b.mrd_sigma, k=b.mrd_k,
                                                seed=b.seed, tokens=b.mrd_tokens,
                                                batch_size=b.batch_size, checkpoint=ckpt,
