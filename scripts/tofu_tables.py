@@ -71,8 +71,8 @@ def cross_method(root: Path, outcome: str) -> str:
     c = pd.read_csv(root / "cross_method.csv")
     c = c[c["outcome"] == outcome]
     cud = c.pivot_table(index="anchors_from", columns="method", values="spearman")
-    parts = ["CUD held-out rho, anchors chosen on one method (rows) against each method "
-             "(columns):", "", _markdown(cud.round(2).rename_axis("anchors from"))]
+    parts = [("CUD held-out rho, anchors chosen on one method (rows) against each method "
+              "(columns):"), "", _markdown(cud.round(2).rename_axis("anchors from"))]
     agreement = root / f"agreement_{outcome}.csv"
     if agreement.is_file():
         a = pd.read_csv(agreement, index_col=0).round(2).rename_axis("method")
