@@ -154,3 +154,39 @@ def test_bf16_unlearning_computes_with_the_moving_weights(taught, tmp_path):
         rises[bf16] = pd.read_parquet(out / "ga" / "outcomes.parquet")["nll_delta"].mean()
     assert rises[False] > 0.5
     assert rises[True] > 0.5 * rises[False], rises
+
+
+def test_the_retain_evaluation_before_unlearning_is_shared_by_every_method(taught, tmp_path,
+                                                                           monkeypatch):
+    """The unlearning stage measures the original model on the retain set once (kept as
+    ``retain_before``), not once per method, and each method's retain NLL change equals the one
+    ``unlearn`` computes on its own."""
+    import json
+
+    import pandas as pd
+
+    from cud.unlearning import folder
+    from cud.unlearning.folder import UnlearningSettings, unlearn_to_folder
+    lm, forget, retain = taught
+    calls = []
+    real = folder.retain_outcomes
+    monkeypatch.setattr(folder, "retain_outcomes",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    settings = UnlearningSettings(methods=("ga", "graddiff"), lr=STEPS.lr, max_steps=3,
+                                  batch_size=STEPS.batch_size, utility=False)
+    unlearn_to_folder(lm, forget, retain, tmp_path, settings)
+    assert len(calls) == 1
+    shared = pd.read_parquet(tmp_path / "retain_before.parquet")
+    alone = unlearn(lm, forget, retain, method="graddiff",
+                    train_config=settings.train_config("graddiff"),
+                    hyperparameters=settings.method_hyperparameters("graddiff"),
+                    evaluate_retain=True, metrics=QUICK_METRICS, batch_size=16)
+    pd.testing.assert_frame_equal(shared, alone.retain_before, check_like=True)
+    stored = json.loads((tmp_path / "graddiff" / "settings.json").read_text())
+    mean_delta = float((alone.retain_after["nll"] - alone.retain_before["nll"]).mean())
+    assert stored["retain_nll_delta_mean"] == pytest.approx(mean_delta, abs=1e-6)
+    # a third method added later reads the kept evaluation back
+    more = UnlearningSettings(methods=("ga", "graddiff", "npo"), lr=STEPS.lr, max_steps=3,
+                              batch_size=STEPS.batch_size, utility=False)
+    unlearn_to_folder(lm, forget, retain, tmp_path, more)
+    assert len(calls) == 1

@@ -4,6 +4,7 @@ forget set, written to a folder, one sub-folder per method (the layout
 
     unlearning.json                which model and which forget / retain sets the folder is for
     before.parquet/.csv            forget-set outcomes of the model before unlearning
+    retain_before.parquet/.csv     its retain-set NLL, probability, exact memorisation
     <method>/outcomes.parquet/.csv per-sample deltas and steps to forget
     <method>/after.parquet/.csv    forget-set outcomes after unlearning
     <method>/trajectory.csv        per-sample NLL every k steps (with eval_every)
@@ -14,7 +15,7 @@ Resumable like a circuits folder: ``unlearning.json`` holds the model's fingerpr
 of the forget and retain sets, and each method's ``settings.json`` the request it ran; a method
 already run with the same request is read back, not run again, and a folder of another model,
 other data or other settings of a method is refused with the settings that differ (never
-mixed). The evaluation before unlearning is shared by every method.
+mixed). The evaluations before unlearning (forget and retain set) are shared by every method.
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ from cud.progress import Progress
 from cud.unlearning.hyperparameters import DEFAULT_TABLE, TABLES, hyperparameters
 from cud.unlearning.methods import METHODS
 from cud.unlearning.outcomes import evaluate_outcomes, model_utility, save_outcomes
-from cud.unlearning.run import DEFAULT_FORGET_THRESHOLD, spread, unlearn
+from cud.unlearning.run import (
+    DEFAULT_FORGET_THRESHOLD,
+    retain_outcomes,
+    spread,
+    unlearn,
+)
 
 MANIFEST = "unlearning.json"
 FORMAT_VERSION = 1
@@ -189,10 +195,23 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
                                        generation_budget=settings.generation_budget,
                                        progress=progress)
         save_outcomes(before, root / "before")
+    shared: dict[str, pd.DataFrame] = {}
+
+    def retain_before() -> pd.DataFrame:  # only when a method runs, then once
+        if "retain" not in shared:
+            path = root / "retain_before.parquet"
+            if path.exists():
+                shared["retain"] = _read(path)
+            else:
+                with matmul_precision(lm.device, settings.bf16):
+                    shared["retain"] = retain_outcomes(lm, retain, settings.eval_batch_size)
+                save_outcomes(shared["retain"], root / "retain_before")
+        return shared["retain"]
+
     rows, deltas = [], {}
     for name in settings.methods:
         table, after, stored, reused = _method(lm, forget, retain, root / name, name, settings,
-                                               before, progress)
+                                               before, retain_before, progress)
         deltas[name] = table["nll_delta"]
         rows.append(_summary(name, table, after, stored, settings.threshold, reused))
     deltas = pd.DataFrame(deltas)
@@ -204,7 +223,7 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
 
 
 def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSettings,
-            before: pd.DataFrame, progress):
+            before: pd.DataFrame, retain_before, progress):
     """One method's outcomes: read back when this request already ran, else run."""
     request = settings.request(name)
     settings_path = folder / "settings.json"
@@ -230,7 +249,9 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
                          hyperparameters=settings.method_hyperparameters(name),
                          train_config=settings.train_config(name),
                          eval_every=settings.eval_every, forget_threshold=settings.threshold,
-                         before=before, evaluate_retain=bool(retain), trajectory_sink=sink,
+                         before=before, evaluate_retain=bool(retain),
+                         retain_before=retain_before() if retain else None,
+                         trajectory_sink=sink,
                          batch_size=settings.eval_batch_size,
                          generation_budget=settings.generation_budget, progress=progress)
     table = result.per_sample()

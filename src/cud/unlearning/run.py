@@ -67,6 +67,16 @@ def forget_set_nll(lm: LoadedModel, samples: Sequence[QASample], batch_size: int
     return out
 
 
+#: what is measured on the retain set before and after unlearning
+RETAIN_METRICS = ("nll", "prob", "exact_mem")
+
+
+def retain_outcomes(lm: LoadedModel, retain: Sequence[QASample], batch_size: int = 16
+                    ) -> pd.DataFrame:
+    """The teacher-forced :data:`RETAIN_METRICS` of ``lm`` on the retain set."""
+    return evaluate_outcomes(lm, retain, metrics=RETAIN_METRICS, batch_size=batch_size)
+
+
 def steps_to_forget(trajectory: pd.DataFrame, threshold: float = DEFAULT_FORGET_THRESHOLD
                     ) -> pd.Series:
     """First evaluated step at which a sample's normalised answer probability is below
@@ -85,7 +95,7 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
             forget_threshold: float = DEFAULT_FORGET_THRESHOLD, batch_size: int = 16,
             generation_budget: float = 2.0,
             in_place: bool = False, before: pd.DataFrame | None = None,
-            evaluate_retain: bool = False,
+            evaluate_retain: bool = False, retain_before: pd.DataFrame | None = None,
             progress: Progress | None = None,
             trajectory_sink: Callable[[pd.DataFrame], None] | None = None) -> UnlearningResult:
     """Unlearn ``forget`` from ``lm`` and return the unlearned model and per-sample outcomes.
@@ -96,7 +106,8 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
     ``train_config`` override them. ``eval_every`` k: track every forget sample's NLL every k
     optimizer steps (a trajectory; ``steps_to_forget`` uses it, and without it only the start
     and the end are known). The original ``lm`` is left untouched
-    unless ``in_place``. ``before`` may pass already computed outcomes of ``lm`` on ``forget``.
+    unless ``in_place``. ``before`` may pass already computed outcomes of ``lm`` on ``forget``,
+    ``retain_before`` (with ``evaluate_retain``) its nll/prob/exact_mem on ``retain``.
     ``trajectory_sink`` receives each evaluation's rows as they are made (to write as you go).
     """
     if not forget:
@@ -118,9 +129,10 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
     if before is None:
         before = evaluate_outcomes(lm, forget, metrics=metrics, batch_size=batch_size,
                                    generation_budget=generation_budget)
-    retain_before = evaluate_outcomes(lm, retain, metrics=("nll", "prob", "exact_mem"),
-                                      batch_size=batch_size) \
-        if evaluate_retain and retain else None
+    if evaluate_retain and retain and retain_before is None:
+        retain_before = retain_outcomes(lm, retain, batch_size)
+    elif not (evaluate_retain and retain):
+        retain_before = None
 
     net = lm.model if in_place else copy.deepcopy(lm.model)
     reference = None
@@ -154,8 +166,7 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
 
     after = evaluate_outcomes(work, forget, metrics=metrics, batch_size=batch_size,
                               generation_budget=generation_budget)
-    retain_after = evaluate_outcomes(work, retain, metrics=("nll", "prob", "exact_mem"),
-                                     batch_size=batch_size) \
+    retain_after = retain_outcomes(work, retain, batch_size) \
         if evaluate_retain and retain else None
     trajectory = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
         columns=["step", "id", "nll", "prob"])
