@@ -19,21 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata, spearmanr
+from scipy.stats import spearmanr
 
-from cud.difficulty.validation import paired_difference
+from cud.difficulty.validation import bootstrap_draws, paired_difference, spearman_rows
 
 METRICS = ["cud_paper", "cud", "selected", "cud_n3000", "cud_set_knn", "loss", "prob",
            "min_k_prob", "grad_norm", "answer_length"]
 N_BOOT = 1000
-
-
-def boot_rho(x: np.ndarray, y: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """Spearman rho of every bootstrap resample (one per row of ``draws``), vectorised."""
-    rx, ry = rankdata(x[draws], axis=1), rankdata(y[draws], axis=1)
-    rx -= rx.mean(1, keepdims=True)
-    ry -= ry.mean(1, keepdims=True)
-    return (rx * ry).sum(1) / np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))
 
 
 def _indexed(table: pd.DataFrame) -> pd.DataFrame:
@@ -56,12 +48,11 @@ def rescore(study: Path, outcomes: dict[str, pd.DataFrame]) -> tuple[pd.DataFram
                 ids = sorted(held.index)
                 # the difficulty: high = hard to forget = a small NLL after / NLL increase
                 y = -table[outcome].reindex(ids).to_numpy(float)
-                draws = np.random.default_rng(1000 * int(pool) + 7).integers(
-                    0, len(ids), size=(N_BOOT, len(ids)))
+                draws = bootstrap_draws(len(ids), N_BOOT, 1000 * int(pool) + 7)
                 for k in METRICS:
                     x = directions.get((pool, k), 1) * held[k].reindex(ids).to_numpy(float)
                     rhos[k].append(spearmanr(x, y).statistic)
-                    boots[k].append(boot_rho(x, y, draws))
+                    boots[k].append(spearman_rows(x[draws], y[draws]))
             for k in METRICS:
                 b = np.concatenate(boots[k])
                 rows.append({"outcome": outcome, "method": method, "metric": k,

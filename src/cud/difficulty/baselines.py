@@ -302,7 +302,8 @@ def baseline_metrics(lm: LoadedModel, samples: Sequence[QASample],
             lm, samples, progress=progress)), ids)
     if "mrd" in b.metrics:
         ckpt = work / "mrd.checkpoint.npz" if work is not None else None
-        table["mrd"] = _col(cached("mrd", [MRD_VERSION, b.mrd_sigma, b.mrd_k, b.mrd_tokens, b.seed],
+        key = [MRD_VERSION, b.mrd_sigma, b.mrd_k, b.mrd_tokens, b.seed]
+        table["mrd"] = _col(cached("mrd", key,
                                    lambda: mrd(lm, samples, sigma=b.mrd_sigma, k=b.mrd_k,
                                                seed=b.seed, tokens=b.mrd_tokens,
                                                batch_size=b.batch_size, checkpoint=ckpt,

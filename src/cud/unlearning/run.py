@@ -129,10 +129,10 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
     if before is None:
         before = evaluate_outcomes(lm, forget, metrics=metrics, batch_size=batch_size,
                                    generation_budget=generation_budget)
-    if evaluate_retain and retain and retain_before is None:
-        retain_before = retain_outcomes(lm, retain, batch_size)
-    elif not (evaluate_retain and retain):
+    if not (evaluate_retain and retain):
         retain_before = None
+    elif retain_before is None:
+        retain_before = retain_outcomes(lm, retain, batch_size)
 
     net = lm.model if in_place else copy.deepcopy(lm.model)
     reference = None
