@@ -106,6 +106,25 @@ def _mlp(lm, layer: int) -> torch.nn.Module:
     return lm.model.model.layers[layer].mlp
 
 
+def assert_removal_matches(runner, batch, forward: int, reference, clean, what: str) -> float:
+    """The runner with every edge out of node ``forward`` patched to the zero baseline gives
+    ``reference`` (the logits of ``what`` with that node removed), which must differ from the
+    ``clean`` logits (else the comparison is vacuous); returns the largest difference."""
+    g, mask = runner.graph, batch.attention_mask
+    zero = torch.zeros(1, 1, g.n_forward, g.d_model)
+    keep = torch.ones(1, g.n_edges)
+    keep[0, torch.as_tensor(g.edge_parent == forward)] = 0
+    with torch.no_grad():
+        patched = runner.run(batch.input_ids, mask,
+                             patch=EdgePatch(keep=g.to_matrix(keep), baseline=zero)).logits
+    name = g.forward_names[forward]
+    assert max_diff_on_real_tokens(reference, clean, mask) > 100 * ATOL, \
+        f"removing {name} changes nothing; the comparison would be vacuous"
+    diff = max_diff_on_real_tokens(patched, reference, mask)
+    assert diff <= ATOL, f"removing {name}: runner and {what} differ by {diff:.2e}"
+    return diff
+
+
 def test_removing_a_node_in_hf_equals_patching_its_outgoing_edges(variant_lm, padded_batch):
     """Zeroing one head's slice of the output projection's input (or one MLP's output) inside
     HF gives the logits of the runner with every edge out of that node patched to the zero
@@ -113,8 +132,6 @@ def test_removing_a_node_in_hf_equals_patching_its_outgoing_edges(variant_lm, pa
     lm, batch = variant_lm, padded_batch
     runner = ResidualRunner(lm.adapter)
     g, a = runner.graph, lm.adapter
-    mask = batch.attention_mask
-    zero = torch.zeros(1, 1, g.n_forward, g.d_model)
     clean = hf_logits(lm, batch).logits
     last = a.n_layers - 1
     nodes = [("head", 0, 0), ("head", 0, a.n_heads - 1), ("head", last, 1), ("mlp", 0, None),
@@ -137,16 +154,7 @@ def test_removing_a_node_in_hf_equals_patching_its_outgoing_edges(variant_lm, pa
             reference = hf_logits(lm, batch).logits
         finally:
             handle.remove()
-        keep = torch.ones(1, g.n_edges)
-        keep[0, torch.as_tensor(g.edge_parent == forward)] = 0
-        with torch.no_grad():
-            patched = runner.run(batch.input_ids, mask,
-                                 patch=EdgePatch(keep=g.to_matrix(keep), baseline=zero)).logits
-        name = g.forward_names[forward]
-        assert max_diff_on_real_tokens(reference, clean, mask) > 100 * ATOL, \
-            f"removing {name} changes nothing; the comparison would be vacuous"
-        diff = max_diff_on_real_tokens(patched, reference, mask)
-        assert diff <= ATOL, f"removing {name}: runner and HF differ by {diff:.2e}"
+        assert_removal_matches(runner, batch, forward, reference, clean, "HF")
 
 
 def test_graph_follows_the_adapter(variant_lm):
@@ -489,25 +497,15 @@ def test_post_norm_removing_a_node_is_removing_its_share(post_norm_lm, post_norm
     lm, batch = post_norm_lm, post_norm_batch
     runner = ResidualRunner(lm.adapter)
     g, a = runner.graph, lm.adapter
-    mask = batch.attention_mask
-    zero = torch.zeros(1, 1, g.n_forward, g.d_model)
     clean = hf_logits(lm, batch).logits
     last = a.n_layers - 1
     worst = 0.0
     for layer, head in [(0, 0), (0, a.n_heads - 1), (last, 1), (0, None), (last, None)]:
         forward = g.mlp_forward(layer) if head is None else g.head_forward(layer, head)
         reference = hf_logits_without_node(lm, batch, layer, head)
-        keep = torch.ones(1, g.n_edges)
-        keep[0, torch.as_tensor(g.edge_parent == forward)] = 0
-        with torch.no_grad():
-            patched = runner.run(batch.input_ids, mask,
-                                 patch=EdgePatch(keep=g.to_matrix(keep), baseline=zero)).logits
-        name = g.forward_names[forward]
-        assert max_diff_on_real_tokens(reference, clean, mask) > 100 * ATOL, \
-            f"removing {name} changes nothing; the comparison would be vacuous"
-        diff = max_diff_on_real_tokens(patched, reference, mask)
+        diff = assert_removal_matches(runner, batch, forward, reference, clean,
+                                      "the direct removal")
         worst = max(worst, diff)
-        assert diff <= ATOL, f"removing {name}: runner and the direct removal differ by {diff:.2e}"
     print(f"{lm.model.config.model_type} node removal max |runner - direct| = {worst:.2e}")
 
 
