@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from cud.config import RunConfig, load_config
+from cud.config import RunConfig, load_config, with_preset
 from cud.errors import ConfigError
 from cud.models import tiny_model
 
@@ -125,3 +126,38 @@ def test_bad_settings_fail_before_any_stage(changes, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         cud.run({**changes, "out": str(out)})
     assert not out.exists()
+
+
+def test_run_json_keeps_each_sitting_of_a_resumed_run(tmp_path):
+    """A run finished over several sittings keeps what each stage cost when it did its work; a
+    rerun with another configuration starts its own account."""
+    from cud.progress import silent
+    from cud.workflow import RunResult, _Clock
+
+    config = with_preset("quick")
+
+    def sitting(cfg, seconds):
+        clock = _Clock(RunResult(out=tmp_path, config=cfg), silent)
+        clock.result.seconds.update(seconds)
+        clock.write(tmp_path)
+        return json.loads((tmp_path / "run.json").read_text())
+
+    first = sitting(config, {"circuits": 100.0, "unlearning": 50.0})
+    assert first["sittings"] == [{"circuits": 100.0, "unlearning": 50.0}]
+    second = sitting(config, {"circuits": 2.0, "unlearning": 30.0, "report": 5.0})
+    assert second["seconds"] == {"circuits": 2.0, "unlearning": 30.0, "report": 5.0}
+    assert len(second["sittings"]) == 2
+    assert second["seconds_all_sittings"] == {"circuits": 102.0, "unlearning": 80.0,
+                                              "report": 5.0}
+    assert second["total_seconds_all_sittings"] == 187.0
+    other = sitting(replace(config, seed=1), {"circuits": 7.0})
+    assert other["sittings"] == [{"circuits": 7.0}]
+    assert other["seconds_all_sittings"] == {"circuits": 7.0}
+
+    # a run.json from before sittings were kept counts as one sitting
+    (tmp_path / "run.json").write_text(json.dumps({
+        "config": json.loads(json.dumps(config.to_dict(), default=str)),
+        "seconds": {"circuits": 40.0}}))
+    assert sitting(config, {"circuits": 1.0})["seconds_all_sittings"] == {"circuits": 41.0}
+    (tmp_path / "run.json").write_text("{not json")
+    assert sitting(config, {"circuits": 1.0})["sittings"] == [{"circuits": 1.0}]

@@ -6,7 +6,10 @@ method (ground truth) -> baseline metrics -> anchors on an anchor pool, CUD, hel
 writing into its own folder under ``config.out`` (``circuits/``, ``unlearning/``,
 ``baselines/``, ``validation/``, ``anchors/``, ``scores/``, ``analysis/``, ``report/``), and
 skips work already done with the same settings, so a killed run started again resumes.
-``run.json`` records the configuration and the seconds each stage took.
+``run.json`` records the configuration and the seconds each stage took in this sitting; a run
+finished over several sittings with the same configuration keeps each sitting's seconds
+(``sittings``) and their per-stage sum (``seconds_all_sittings``), so a resumed stage's few
+seconds never hide what it cost when it did its work.
 """
 
 from __future__ import annotations
@@ -157,6 +160,7 @@ class _Clock:
 
     def __init__(self, result: RunResult, say: Progress):
         self.result, self.say = result, say
+        self.earlier = _earlier_sittings(result.out / "run.json", result.config)
 
     def __call__(self, stage: str):
         clock = self
@@ -178,10 +182,35 @@ class _Clock:
 
     def write(self, out: Path) -> None:
         r = self.result
+        sittings = self.earlier + [dict(r.seconds)]
+        every: dict[str, float] = {}
+        for sitting in sittings:
+            for stage, seconds in sitting.items():
+                every[stage] = round(every.get(stage, 0.0) + float(seconds), 2)
         (out / "run.json").write_text(json.dumps({
             "config": r.config.to_dict(), "seconds": r.seconds,
-            "total_seconds": round(sum(r.seconds.values()), 2), "n_forget": r.n_forget,
-            "n_retain": r.n_retain, "model_path": r.model_path}, indent=1, default=str) + "\n")
+            "total_seconds": round(sum(r.seconds.values()), 2),
+            "sittings": sittings, "seconds_all_sittings": every,
+            "total_seconds_all_sittings": round(sum(every.values()), 2),
+            "n_forget": r.n_forget, "n_retain": r.n_retain, "model_path": r.model_path},
+            indent=1, default=str) + "\n")
+
+
+def _earlier_sittings(path: Path, config: RunConfig) -> list[dict[str, float]]:
+    """The stage seconds of earlier sittings of this run from its ``run.json``: none when there
+    is none, it cannot be read, or it was written with another configuration (a rerun with
+    other settings starts its own account)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    same = json.loads(json.dumps(config.to_dict(), default=str))
+    if not isinstance(old, dict) or old.get("config") != same:
+        return []
+    sittings = old.get("sittings")
+    if sittings is None:  # written before sittings were kept: its seconds are one sitting
+        sittings = [old.get("seconds") or {}]
+    return [{str(k): float(v) for k, v in s.items()} for s in sittings if isinstance(s, dict)]
 
 
 def _model(config: RunConfig, data: RunData, say: Progress, result: RunResult):
