@@ -346,3 +346,38 @@ def test_commands_fail_on_one_line(folders, tmp_path):
     assert result.exit_code == 2 and "manhattan" in result.output
     result = invoke("report", "--out", tmp_path / "r")
     assert result.exit_code == 2 and "nothing to report" in result.output
+
+
+def test_verdict_says_when_a_vote_of_methods_leaves_few_anchors():
+    """A majority vote of methods that disagree keeps few anchors: the verdict says how many,
+    and gives CUD with each method's own anchors beside it; a single method's study does not
+    warn."""
+    from types import SimpleNamespace
+
+    from cud.difficulty.study import StudySettings
+    from cud.report.html import anchors_note
+
+    def pool(easy, hard, name):
+        return {"anchors": {"main": {"easy": [f"e{i}" for i in range(easy)],
+                                     "hard": [f"h{i}" for i in range(hard)], "name": name}}}
+
+    settings = StudySettings(k=20, vote="majority")
+    heldout = pd.DataFrame({"method": ["ga", "npo"]})
+    cross = pd.DataFrame({"anchors_from": ["ga", "ga", "npo", "npo"],
+                          "method": ["ga", "npo", "ga", "npo"],
+                          "outcome": ["nll_after"] * 4, "spearman": [0.31, -0.1, 0.05, 0.22]})
+    voted = SimpleNamespace(pools=[pool(4, 6, "majority:ga+npo"), pool(6, 8, "majority:ga+npo"),
+                                   pool(5, 7, "majority:ga+npo")],
+                            settings=settings, heldout=heldout, cross_method=cross)
+    note = anchors_note(voted, "nll_after")
+    assert "5 easy and 7 hard a pool (median over 3 pools; 20 a side asked" in note
+    assert "majority vote of the 2 methods" in note and "Few anchors" in note
+    assert "ga +0.31, npo +0.22" in note                    # the diagonal, not the off-diagonal
+
+    enough = SimpleNamespace(**{**vars(voted), "pools": [pool(15, 18, "majority:ga+npo")]})
+    assert "Few anchors" not in anchors_note(enough, "nll_after")
+    single = SimpleNamespace(pools=[pool(3, 3, "ga")], settings=settings,
+                             heldout=pd.DataFrame({"method": ["ga"]}), cross_method=cross)
+    note = anchors_note(single, "nll_after")
+    assert "3 easy and 3 hard" in note and "vote" not in note and "Few anchors" not in note
+    assert anchors_note(SimpleNamespace(**{**vars(voted), "pools": []}), "nll_after") == ""

@@ -414,12 +414,47 @@ def verdict(study) -> str:
                       f"(test-retest, n = {int(x['n'])}): the ceiling of any correlation "
                       f"it can reach.</p>")
     n = int(study.heldout["n"].max()) if not study.heldout.empty else 0
+    retest = anchors_note(study, outcome) + retest
     return (f"<section id='verdict'><h2>Verdict on this run</h2><p>Held-out Spearman ρ with "
             f"each method's difficulty ({html.escape(outcome)}), mean over "
             f"{len(study.pools) or 1} random anchor pools of n = {n} evaluated samples each, "
             f"with pooled 95% intervals. <i>Signs, everywhere in this report: every metric reads "
             f"higher = predicted harder, every difficulty higher = less forgotten, so a "
             f"working metric has ρ &gt; 0.</i></p><ul>{''.join(lines)}</ul>{retest}</section>")
+
+
+def anchors_note(study, outcome: str) -> str:
+    """How many anchors the verdict rests on. A vote of several methods keeps only the samples
+    they agree on; when that is under half the anchors asked for, say so and give CUD with each
+    method's own anchors (the cross-method matrix's diagonal) beside it."""
+    sizes = [(len(p["anchors"]["main"]["easy"]), len(p["anchors"]["main"]["hard"]))
+             for p in study.pools if "main" in p.get("anchors", {})]
+    if not sizes:
+        return ""
+    easy, hard = (int(np.median([x[i] for x in sizes])) for i in (0, 1))
+    k = study.settings.k
+    methods = list(dict.fromkeys(study.heldout["method"])) if not study.heldout.empty else []
+    name = str(study.pools[0]["anchors"]["main"].get("name", ""))
+    voted = len(methods) > 1 and name.startswith(f"{study.settings.vote}:")
+    vote = (f", kept where the {study.settings.vote} vote of the {len(methods)} methods agrees"
+            if voted else "")
+    text = (f"<p>Anchors: {easy} easy and {hard} hard a pool (median over {len(sizes)} pools; "
+            f"{k} a side asked{vote}); CUD's anchor circuits and every baseline's direction "
+            f"are read from them.")
+    if voted and min(easy, hard) < k / 2:
+        c = study.cross_method
+        own = [] if c.empty else [
+            f"{html.escape(m)} {_fmt(float(r['spearman'].iloc[0]))}" for m in methods
+            if len(r := c[(c["anchors_from"] == m) & (c["method"] == m)
+                          & (c["outcome"] == outcome)])]
+        text += (" <b class='opposite'>Few anchors</b>: the methods disagree about which samples "
+                 "are hard, so these numbers rest on few samples and the baselines' directions "
+                 "may flip from pool to pool.")
+        if own:
+            text += (" With each method's own anchors, CUD's held-out ρ is "
+                     + ", ".join(own) + " (one study per method: <code>cud validate "
+                     "--method M</code>).")
+    return text + "</p>"
 
 
 def _study_section(b: _Builder, study) -> None:
