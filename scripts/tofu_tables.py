@@ -4,8 +4,10 @@ every method (mean +- sd over pools, pooled interval), the paired tests against 
 baseline, the cross-method matrix beside the methods' own agreement, the variants chosen.
 
     python scripts/tofu_tables.py results/tofu-forget10 [--outcome nll_after]
+    python scripts/tofu_tables.py results/tofu-forget10/per-method/*   # one study per method
 
-Reads only the CSV tables; recomputes nothing.
+Several folders (single-method studies) are read as one: their held-out and paired rows side by
+side, the variants each chose. Reads only the CSV tables; recomputes nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ def _ordered(names) -> list[str]:
     return [n for n in ORDER if n in names] + sorted(n for n in names if n not in ORDER)
 
 
-def _cell(row: pd.Series) -> str:
+def _cell(row: pd.Series, stat: str = "spearman") -> str:
+    if stat != "spearman":  # Kendall tau, AUROC: mean over pools, its p or interval aside
+        return f"{row[stat]:.2f}" if pd.notna(row[stat]) else "–"
     lo, hi = row.get("spearman_lo"), row.get("spearman_hi")
     text = f"{row['spearman']:+.2f} ± {row['spearman_sd']:.2f}"
     if pd.notna(lo) and pd.notna(hi):
@@ -44,20 +48,24 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def heldout(root: Path, outcome: str) -> str:
-    h = pd.read_csv(root / "heldout.csv")
+def _read(roots: list[Path], name: str) -> pd.DataFrame:
+    return pd.concat([pd.read_csv(r / name) for r in roots], ignore_index=True)
+
+
+def heldout(roots: list[Path], outcome: str, stat: str = "spearman") -> str:
+    h = _read(roots, "heldout.csv")
     h = h[h["outcome"] == outcome]
     methods = list(dict.fromkeys(h["method"]))
     table = pd.DataFrame(index=pd.Index(_ordered(h["metric"]), name="metric"), columns=methods)
     for _, row in h.iterrows():
-        table.loc[row["metric"], row["method"]] = _cell(row)
+        table.loc[row["metric"], row["method"]] = _cell(row, stat)
     n = h.groupby("method")["n"].first().to_dict()
     table.columns = [f"{m} (n={n[m]})" for m in methods]
     return _markdown(table.fillna("–"))
 
 
-def paired(root: Path, outcome: str) -> str:
-    p = pd.read_csv(root / "paired.csv")
+def paired(roots: list[Path], outcome: str) -> str:
+    p = _read(roots, "paired.csv")
     p = p[p["outcome"] == outcome]
     rows = [{"method": r["method"], "ours": r["metric"], "versus": r["versus"],
              "difference": f"{r['diff']:+.3f} [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]",
@@ -67,7 +75,8 @@ def paired(root: Path, outcome: str) -> str:
     return _markdown(pd.DataFrame(rows).set_index("method"))
 
 
-def cross_method(root: Path, outcome: str) -> str:
+def cross_method(roots: list[Path], outcome: str) -> str:
+    root = roots[0]
     c = pd.read_csv(root / "cross_method.csv")
     c = c[c["outcome"] == outcome]
     cud = c.pivot_table(index="anchors_from", columns="method", values="spearman")
@@ -81,29 +90,42 @@ def cross_method(root: Path, outcome: str) -> str:
     return "\n".join(parts)
 
 
-def variants(root: Path) -> str:
-    v = pd.read_csv(root / "variants.csv")
-    chosen = v[v["selected"]].groupby("variant")["pool"].apply(
-        lambda s: ", ".join(str(x) for x in sorted(s)))
-    return _markdown(chosen.rename("pools").to_frame().rename_axis("variant chosen"))
+def variants(roots: list[Path]) -> str:
+    frames = []
+    for root in roots:
+        v = pd.read_csv(root / "variants.csv")
+        chosen = v[v["selected"]].groupby("variant")["pool"].apply(
+            lambda s: ", ".join(str(x) for x in sorted(s)))
+        frame = chosen.rename("pools").to_frame().rename_axis("variant chosen")
+        if len(roots) > 1:
+            frame.insert(0, "study", root.name)
+        frames.append(frame)
+    return _markdown(pd.concat(frames))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folder", type=Path, nargs="+")
     parser.add_argument("--outcome", default="nll_after")
+    parser.add_argument("--stat", default="spearman", choices=["spearman", "kendall", "auroc"],
+                        help="the held-out table's statistic (kendall, auroc: mean over pools)")
     args = parser.parse_args(argv)
-    if not (args.folder / "heldout.csv").is_file():
-        print(f"{args.folder}: no heldout.csv (not a validation folder)", file=sys.stderr)
-        return 2
-    sections = [(f"Held-out rho ({args.outcome})", heldout(args.folder, args.outcome))]
-    for title, name, make in (("Paired against the best baseline", "paired.csv", paired),
-                              ("Across methods", "cross_method.csv", cross_method)):
+    roots = args.folder
+    for root in roots:
+        if not (root / "heldout.csv").is_file():
+            print(f"{root}: no heldout.csv (not a validation folder)", file=sys.stderr)
+            return 2
+    sections = [(f"Held-out {args.stat} ({args.outcome})",
+                 heldout(roots, args.outcome, args.stat))]
+    makers = [("Paired against the best baseline", "paired.csv", paired)]
+    if len(roots) == 1:
+        makers.append(("Across methods", "cross_method.csv", cross_method))
+    for title, name, make in makers:
         title = f"{title} ({args.outcome})"
-        if (args.folder / name).is_file():
-            sections.append((title, make(args.folder, args.outcome)))
-    if (args.folder / "variants.csv").is_file():
-        sections.append(("Variants chosen on the validation parts", variants(args.folder)))
+        if all((r / name).is_file() for r in roots):
+            sections.append((title, make(roots, args.outcome)))
+    if all((r / "variants.csv").is_file() for r in roots):
+        sections.append(("Variants chosen on the validation parts", variants(roots)))
     for title, body in sections:
         print(f"### {title}\n\n{body}\n")
     return 0
