@@ -283,9 +283,13 @@ def test_1_ctrl_c_prints_interrupted_and_exits_130(model_dir, tmp_path):
     Expected after the fix: "interrupted" on standard error, exit 130, no traceback, no
     temporary file left in the output folder."""
     out = tmp_path / "out"
+    # a suite started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # so would the child (Python then installs no KeyboardInterrupt): give it the default, as a
+    # terminal's Ctrl-C finds it
     proc = subprocess.Popen(CUD + ["circuits", "--model", str(model_dir), "--data", "builtin:40",
                                    "--out", str(out), "--batch-size", "1", *QUICK],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not list(out.glob("shards/rows-*.parquet")):
         assert proc.poll() is None, proc.communicate()
