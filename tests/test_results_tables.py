@@ -41,24 +41,28 @@ def test_a_folder_without_tables_is_refused(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.skipif(not (RESULTS / "per_sample.parquet").is_file(), reason="no committed results")
-def test_rescore_reproduces_the_study_on_its_own_method(tmp_path):
-    """scripts/rescore.py scores another method's outcomes with a committed study's pools; fed
-    the study's own method again, its mean rho over pools is the study's, metric for metric."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("rescore", ROOT / "scripts" / "rescore.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    own = pd.read_parquet(RESULTS / "outcomes_graddiff.parquet")
-    held, paired = module.rescore(RESULTS, {"again": own})
-    study = pd.read_csv(RESULTS / "heldout.csv").set_index(["metric", "method", "outcome"])
-    for row in held.itertuples():
-        expected = study.loc[(row.metric, "graddiff", row.outcome), "spearman"]
-        assert row.spearman == pytest.approx(expected, abs=1e-9), row.metric
-        assert row.spearman_lo < row.spearman < row.spearman_hi
-    committed = pd.read_csv(RESULTS / "paired.csv").set_index(["metric", "outcome"])
-    for row in paired.itertuples():  # other resamples than the study's: close, not equal
-        was = committed.loc[(row.metric, row.outcome)]
-        assert row.diff == pytest.approx(was["diff"], abs=0.02)
-        assert row.diff_lo == pytest.approx(was["diff_lo"], abs=0.03)
-        assert row.p == pytest.approx(was["p"], abs=0.1)
+PER_METHOD = RESULTS / "per-method"
+
+
+@pytest.mark.skipif(not PER_METHOD.is_dir(), reason="no committed per-method studies")
+def test_per_method_studies_read_as_one_table():
+    """One study per method, rendered side by side: each column is that method's own study,
+    each paired row its own test, and the variants say which study chose them."""
+    folders = sorted(PER_METHOD.iterdir())
+    done = _render(*folders, "--outcome", "nll_delta")
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.split("### Paired")[0]          # the held-out section only
+    lines = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table.splitlines()
+             if line.startswith("| ") and "|" in line[2:]}
+    header = lines["metric"]
+    for k, folder in enumerate(folders):
+        assert header[k].strip().startswith(folder.name)
+        held = pd.read_csv(folder / "heldout.csv")
+        row = held[(held["metric"] == "cud") & (held["outcome"] == "nll_delta")].iloc[0]
+        assert lines["cud"][k].strip().startswith(f"{row['spearman']:+.2f} ± ")
+        paired = pd.read_csv(folder / "paired.csv")
+        first = paired[paired["outcome"] == "nll_delta"].iloc[0]
+        assert f"{first['diff']:+.3f} [{first['diff_lo']:+.3f}" in done.stdout
+    auroc = _render(*folders, "--stat", "auroc")
+    assert auroc.returncode == 0 and "Held-out auroc (nll_after)" in auroc.stdout
+    assert "| variant chosen | study | pools |" in done.stdout
