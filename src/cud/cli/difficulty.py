@@ -225,6 +225,10 @@ def validate(
     pilots: Optional[str] = typer.Option(None, help="`cud pilot` folder: each method's pilot "
                                                     "joins the forecast ladder "
                                                     "(validation/ladder.csv)."),
+    prices: Optional[str] = typer.Option(None, help="JSON file {estimate: seconds per sample} "
+                                                    "for folders made before prices were kept "
+                                                    "(e.g. circuits, loss, grad_norm, mrd from "
+                                                    "stage times); measured prices win."),
     ladder: Optional[bool] = typer.Option(None, "--ladder/--no-ladder",
                                           help="The forecast ladder: every estimate at its "
                                                "price, learned forecasters per method "
@@ -273,6 +277,8 @@ def validate(
         main = ac.anchors
     forecast = forecast_inputs(circuits=circuits, baselines=baselines, unlearning=outcomes,
                                pilots=pilots)
+    if prices:
+        forecast.prices.estimates = {**_prices_file(prices), **forecast.prices.estimates}
     with progress_bars() as bar:
         study = validate_to_folder(cs, tables, folder, settings, baselines=base, anchors=main,
                                    retest=load_circuits(retest) if retest else None,
@@ -328,6 +334,29 @@ def _validation_summary(study, settings: StudySettings, methods: list[str]) -> N
     console.print(f"robustness ({first}; ρ averaged over methods; rho_vs_main = rank agreement "
                   f"with the main CUD):")
     console.print(piv.round(2).to_string(index=False))
+
+
+def _prices_file(path: str) -> dict[str, float]:
+    import json
+    import math
+
+    from cud.errors import DataError
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise DataError(f"unreadable prices file ({e.strerror or e})", file=path) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"not JSON ({e.msg})", file=path, line=e.lineno) from None
+    if not isinstance(data, dict):
+        raise DataError("expected a JSON object {estimate: seconds per sample}", file=path)
+    out = {}
+    for name, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:
+            raise DataError(f"expected seconds per sample (a number >= 0), got {value!r}",
+                            file=path, field=str(name))
+        out[str(name)] = float(value)
+    return out
 
 
 def _ladder_summary(study, settings: StudySettings) -> None:

@@ -59,7 +59,8 @@ def pilot(
                                                     f"{default(UnlearningSettings, 'methods')}."),
     fractions: Optional[str] = typer.Option(None, help="Shares of the method's steps at which "
                                                        "the NLL rise is read (one run, stopped "
-                                                       f"at the largest) {default(D, 'fractions')}."),
+                                                       "at the largest) "
+                                                       f"{default(D, 'fractions')}."),
     hyperparameters: Optional[str] = typer.Option(None, help="Table of the methods' "
                                                              "hyperparameters (as `cud "
                                                              "unlearn`)."),

@@ -77,7 +77,8 @@ def unlearn(
     calibration_held: Optional[float] = typer.Option(None, help="Share of the retain set held "
                                                                 "out of training to measure the "
                                                                 "rise on (calibrated methods) "
-                                                                f"{default(D, 'calibration_held')}."),
+                                                                f"{default(D, 'calibration_held')}"
+                                                                "."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: GPU if any)."),
     out: str = typer.Option("cud-out/unlearning", help="Output folder (created, or resumed)."),
 ):
