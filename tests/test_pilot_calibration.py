@@ -244,6 +244,33 @@ def test_a_budget_change_reflags_a_reused_method(taught, tmp_path):
     assert not method_flags(tmp_path / "u")["ga"]["collapsed"]
 
 
+def test_a_folder_written_before_the_flag_is_judged_by_the_default_budget(tmp_path):
+    """The committed TOFU RMU (retain NLL +8.70, settings.json without a flag) is collapsed."""
+    for name, rise in (("rmu", 8.70), ("npo", 0.11)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "settings.json").write_text(json.dumps(
+            {"method": name, "retain_nll_delta_mean": rise, "train": {"lr": 1e-4}}))
+    flags = method_flags(tmp_path)
+    assert flags["rmu"]["collapsed"] and not flags["npo"]["collapsed"]
+    assert flags["rmu"]["retain_budget"] == 1.0 and flags["rmu"]["lr"] == 1e-4
+
+
+def test_pilot_and_calibration_settings_in_a_config_file(tmp_path):
+    from cud.config import load_config
+    path = tmp_path / "c.toml"
+    path.write_text('[unlearning]\nmethods = ["graddiff", "rmu"]\ncalibrate = ["rmu"]\n'
+                    'retain_budget = 0.5\n[pilots]\nfractions = [0.1, 0.3]\n')
+    config = load_config(path)
+    assert config.unlearning.calibrate == ("rmu",) and config.unlearning.retain_budget == 0.5
+    assert config.pilots.fractions == (0.1, 0.3) and config.pilots.enabled
+    path.write_text('[pilots]\nfractions = [0.1, 2]\n')
+    with pytest.raises(ConfigError, match="pilots.*fractions"):
+        load_config(path)
+    path.write_text('[unlearning]\ncalibrate = ["rmu"]\n')
+    with pytest.raises(ConfigError, match="not among the methods"):
+        load_config(path)
+
+
 def test_calibration_settings_are_checked():
     with pytest.raises(ConfigError, match="not among the methods"):
         UnlearningSettings(methods=("ga",), calibrate=("npo",))

@@ -401,7 +401,8 @@ def _summary(name, table, after, stored, threshold, reused) -> dict:
 def method_flags(folder: str | Path) -> dict[str, dict]:
     """``{method: {"collapsed", "retain_nll_rise", "collapse_measure", "retain_budget", "lr"}}``
     from an unlearning folder's ``<method>/settings.json`` files (methods without one are left
-    out): what the study, the report and the verdict say about each method's outcomes."""
+    out): what the study, the report and the verdict say about each method's outcomes. A
+    folder written before methods were flagged is judged here by the default budget."""
     out = {}
     for path in sorted(Path(folder).glob("*/settings.json")):
         try:
@@ -411,11 +412,15 @@ def method_flags(folder: str | Path) -> dict[str, dict]:
         if not isinstance(stored, dict) or "method" not in stored:
             continue
         held = stored.get("retain_held_nll_rise")
+        rise = held if held is not None else stored.get("retain_nll_delta_mean")
+        budget = stored.get("retain_budget", DEFAULT_BUDGET)
         out[path.parent.name] = {
-            "collapsed": bool(stored.get("collapsed", False)),
-            "retain_nll_rise": held if held is not None else stored.get("retain_nll_delta_mean"),
-            "collapse_measure": stored.get("collapse_measure", ""),
-            "retain_budget": stored.get("retain_budget"),
+            "collapsed": bool(stored["collapsed"]) if "collapsed" in stored
+            else is_collapsed(rise, budget),
+            "retain_nll_rise": rise,
+            "collapse_measure": stored.get("collapse_measure", "held retain part"
+                                           if held is not None else "retain set"),
+            "retain_budget": budget,
             "lr": stored.get("lr", stored.get("train", {}).get("lr")),
             "calibrated": "calibration" in stored}
     return out
