@@ -299,7 +299,9 @@ def best_per_tier(ladder: pd.DataFrame, outcome: str) -> pd.DataFrame:
             within = group[group["level"] <= lvl].dropna(subset=["spearman"])
             if within.empty:
                 continue
-            best = within.sort_values("spearman", ascending=False).iloc[0].copy()
+            # ties go to the cheaper estimate
+            best = within.sort_values(["spearman", "seconds_per_sample"],
+                                      ascending=[False, True], kind="stable").iloc[0].copy()
             best["tier_label"] = group[group["level"] == lvl]["tier_label"].iloc[0]
             out.append(best)
     return pd.DataFrame(out).drop(columns="level").reset_index(drop=True) if out else \

@@ -204,7 +204,12 @@ def forecast_ladder(ladder: pd.DataFrame, *, outcome: str, ncols: int = 3) -> Fi
                         label=kind)
         shown = r.sort_values("spearman", ascending=False)
         shown = shown[~shown["estimate"].str.match(r"cud_(n\d+|weighted|nodes|paper|faithful)")]
+        placed = set()
         for _, row in shown.head(8).iterrows():   # label the best few, not every variant
+            where = (round(float(row["x"]), 12), round(float(row["spearman"]), 3))
+            if where in placed:   # the same point (e.g. pilots on one step): one label
+                continue
+            placed.add(where)
             ax.annotate(row["estimate"].replace("forecast_", "F:"), (row["x"], row["spearman"]),
                         fontsize=6, xytext=(3, 2), textcoords="offset points")
         versus = r["versus"].dropna()

@@ -419,8 +419,12 @@ def ladder_lines(study, outcome: str) -> str:
     best = best_per_tier(ladder, outcome)
     items = []
     for method, group in best.groupby("method", sort=False):
-        parts = []
+        parts, previous = [], None
         for r in group.to_dict("records"):
+            if r["estimate"] == previous:
+                parts.append(f"{html.escape(r['tier_label'])}: nothing better")
+                continue
+            previous = r["estimate"]
             price = r["seconds_per_sample"]
             cost = "free" if price == 0 else "price unknown" if not np.isfinite(price) \
                 else f"{price:.3g} s/sample"
