@@ -95,3 +95,34 @@ def test_errors_are_one_line(pipeline, tmp_path):
                     pipeline / "unlearn", "--method", "rmu", "--out", tmp_path / "v")
     assert result.exit_code == 2 and "rmu" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_validate_with_pilots_writes_the_ladder(pipeline, tmp_path):
+    result = invoke("pilot", "--model", pipeline / "model", "--data", DATA, "--method", "ga,npo",
+                    "--max-steps", 2, "--batch-size", 4, "--fractions", "0.5,1",
+                    "--out", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"circuits": 99.0, "grad_norm": 0.25}))
+    out = tmp_path / "v"
+    result = invoke("validate", "--circuits", pipeline / "circuits", "--outcomes",
+                    pipeline / "unlearn", "--baselines", pipeline / "baselines", "--k", 2,
+                    "--sizes", "8,12", "--n-boot", 50, "--pools", 2, "--pilots", tmp_path / "p",
+                    "--prices", prices, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "forecast ladder" in result.output
+    ladder = pd.read_csv(out / "ladder.csv").set_index(["method", "outcome", "estimate"])
+    ladder = ladder.sort_index()
+    row = ladder.loc[("npo", "nll_after")]
+    assert {"pilot_50", "pilot_100", "forecast_pilot_100", "loss", "cud"} <= set(row.index)
+    assert row.loc["pilot_100", "steps"] == "2 of 2"
+    assert 0 < row.loc["pilot_50", "seconds_per_sample"] < row.loc["pilot_100",
+                                                                    "seconds_per_sample"]
+    assert 0 < row.loc["cud", "seconds_per_sample"] < 99    # measured, not the file's
+    assert row.loc["loss", "seconds_per_sample"] > 0
+    assert row.loc["pilot_100", "share_of_method"] > 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"loss": "fast"}))
+    result = invoke("validate", "--circuits", pipeline / "circuits", "--outcomes",
+                    pipeline / "unlearn", "--prices", bad, "--out", tmp_path / "w")
+    assert result.exit_code == 2 and "bad.json" in result.output and "loss" in result.output

@@ -96,7 +96,8 @@ def run(tmp_path_factory):
             "scores": scores, "circuits": circuits, "selection": selection, "lm": lm}
 
 
-FULL = ["distribution", "outcomes", "heldout", "roc", "structure", "circuits", "extremes"]
+FULL = ["ladder", "distribution", "outcomes", "heldout", "roc", "structure", "circuits",
+        "extremes"]
 
 
 def embedded_images(page: str) -> list[tuple[str, bytes]]:

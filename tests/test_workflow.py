@@ -35,8 +35,8 @@ def test_quick_run_ends_with_the_report(model_folder, tmp_path):
     html = out / "report" / "report.html"
     assert html.exists() and html.stat().st_size > 10_000
     run = json.loads((out / "run.json").read_text())
-    assert set(run["seconds"]) == {"data", "model", "circuits", "unlearning", "baselines",
-                                   "validation", "analysis", "report"}
+    assert set(run["seconds"]) == {"data", "model", "circuits", "unlearning", "pilots",
+                                   "baselines", "validation", "analysis", "report"}
     assert run["config"]["preset"] == "quick"
     heldout = pd.read_parquet(out / "validation" / "heldout.parquet")
     assert {"cud", "loss", "random"} <= set(heldout["metric"])
@@ -48,6 +48,22 @@ def test_quick_run_ends_with_the_report(model_folder, tmp_path):
     forget = pd.read_csv(out / "forget.csv")
     assert set(scores["id"]) == set(forget["id"])
     assert (out / "analysis").is_dir() and (out / "anchors").is_dir()
+    # the forecast ladder: every method, the pilots and the forecasters, each at its price
+    ladder = pd.read_csv(out / "validation" / "ladder.csv")
+    assert set(ladder["method"]) == {"graddiff", "npo"}
+    names = set(ladder["estimate"])
+    assert {"cud", "loss", "grad_norm", "answer_length", "pilot_20", "forecast_pre"} <= names
+    # the quick run's 4 steps put every pilot fraction on step 1: one pilot forecaster
+    assert [n for n in names if n.startswith("forecast_pilot")] == ["forecast_pilot_2"]
+    priced = ladder.set_index(["method", "outcome", "estimate"])["seconds_per_sample"]
+    assert (priced.xs("answer_length", level="estimate") == 0).all()
+    for name in ("loss", "grad_norm", "mrd", "cud", "pilot_20", "forecast_pre"):
+        assert (priced.xs(name, level="estimate") > 0).all(), name
+    assert (priced.xs("forecast_pre", level="estimate")
+            > priced.xs("cud", level="estimate")).all()
+    page = html.read_text()
+    assert page.index("id='verdict'") < page.index('data-figure="forecast_ladder"') \
+        < page.index('id="distribution"')
 
     # a second run reuses every stage's results (the same circuits, outcomes and scores) and,
     # asked for it now, adds the easy/hard split protocol on the held-out samples

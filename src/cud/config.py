@@ -27,6 +27,7 @@ from cud.analysis.stage import AnalysisSettings
 from cud.circuits.settings import CircuitSettings
 from cud.data.prepare import DEFAULT_FORGET_FRACTION
 from cud.difficulty.baselines import BaselineSettings
+from cud.difficulty.pilot import PilotSettings
 from cud.difficulty.study import StudySettings
 from cud.errors import ConfigError
 from cud.report.html import ReportSettings
@@ -59,6 +60,7 @@ class RunConfig:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     circuits: CircuitSettings = field(default_factory=CircuitSettings)
     unlearning: UnlearningSettings = field(default_factory=UnlearningSettings)
+    pilots: PilotSettings = field(default_factory=PilotSettings)
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
     study: StudySettings = field(default_factory=StudySettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)

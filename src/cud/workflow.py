@@ -1,9 +1,10 @@
 """The main job, `cud run` / :func:`cud.run`: the whole pipeline on one configuration.
 
 data -> fine-tune (cached) -> per-sample circuits of the forget set -> unlearning with each
-method (ground truth) -> baseline metrics -> anchors on an anchor pool, CUD, held-out validation
--> structure analysis -> report. Each stage is the same library function its own command calls,
-writing into its own folder under ``config.out`` (``circuits/``, ``unlearning/``,
+method (ground truth) -> a pilot of each method (a few of its steps) -> baseline metrics ->
+anchors on an anchor pool, CUD, held-out validation and the forecast ladder -> structure
+analysis -> report. Each stage is the same library function its own command calls, writing into
+its own folder under ``config.out`` (``circuits/``, ``unlearning/``, ``pilots/``,
 ``baselines/``, ``validation/``, ``anchors/``, ``scores/``, ``analysis/``, ``report/``), and
 skips work already done with the same settings, so a killed run started again resumes.
 ``run.json`` records the configuration and the seconds each stage took in this sitting; a run
@@ -26,8 +27,8 @@ from cud.data.prepare import RunData, load_run_data
 from cud.errors import ConfigError
 from cud.progress import Progress, silent
 
-STAGES = ("data", "model", "circuits", "retest", "unlearning", "baselines", "validation",
-          "analysis", "report")
+STAGES = ("data", "model", "circuits", "retest", "unlearning", "pilots", "baselines",
+          "validation", "analysis", "report")
 
 
 @dataclass
@@ -116,6 +117,13 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
                                               settings, progress=say).summary
         outcomes = read_outcomes(out / "unlearning", list(settings.methods))
 
+    if config.pilots.enabled:
+        with clock("pilots"):  # each method's own forecast: a few of its steps
+            from cud.difficulty.pilot import calibrated_rates, pilots_to_folder
+            pilots_to_folder(lm, data.forget, data.retain, out / "pilots", config.pilots,
+                             config.stage("unlearning"),
+                             rates=calibrated_rates(out / "unlearning"), progress=say)
+
     baselines = None
     if config.baselines.enabled:
         with clock("baselines"):
@@ -124,10 +132,15 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
                                             config.stage("baselines"), progress=say)
 
     with clock("validation"):
-        from cud.difficulty.stage import validate_to_folder
+        from cud.difficulty.stage import forecast_inputs, validate_to_folder
+        forecast = forecast_inputs(
+            circuits=out / "circuits", unlearning=out / "unlearning",
+            baselines=out / "baselines" if config.baselines.enabled else None,
+            pilots=out / "pilots" if config.pilots.enabled else None)
         study = validate_to_folder(cs, outcomes, out / "validation", config.stage("study"),
                                    baselines=baselines, anchors_out=out / "anchors",
-                                   scores_out=out / "scores", retest=retest, progress=say)
+                                   scores_out=out / "scores", retest=retest,
+                                   forecast=forecast, progress=say)
         result.heldout = study.heldout
 
     if config.study.split_method:

@@ -30,6 +30,7 @@ from cud.data.samples import QASample
 from cud.errors import ConfigError, NumericalError
 from cud.models.fingerprint import model_fingerprint
 from cud.models.loading import LoadedModel
+from cud.prices import record_price
 from cud.progress import Progress, within
 
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
@@ -106,6 +107,7 @@ def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
 
     computed = 0
     if pending:
+        compute_start = time.perf_counter()
         ablation = _ablation(lm, runner, settings, reference)
         by_id = {e.id: e for e in pending}
         for batch in plan:
@@ -119,6 +121,10 @@ def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
             computed += len(todo)
             n_done += len(todo)
             report(n_done, total, "")
+        if only_batches is None:  # the price of a circuit, kept beside the circuits
+            record_price(out, "circuits", time.perf_counter() - compute_start, computed,
+                         what="attribution, selection and faithfulness of each sample",
+                         accumulate=True)
     if only_batches is None:
         table = store.finalize([s.id for s in samples])
     else:

@@ -28,6 +28,7 @@ from cud.cli import run  # noqa: E402,F401
 from cud.cli import finetune  # noqa: E402,F401
 from cud.cli import circuits  # noqa: E402,F401
 from cud.cli import unlearning  # noqa: E402,F401
+from cud.cli import pilot  # noqa: E402,F401
 from cud.cli import baselines  # noqa: E402,F401
 from cud.cli import difficulty  # noqa: E402,F401
 from cud.cli import analysis  # noqa: E402,F401

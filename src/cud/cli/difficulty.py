@@ -222,6 +222,17 @@ def validate(
     other: list[str] = typer.Option([], help="NAME=FOLDER: other circuits of the same samples "
                                              "(e.g. logprob=circuits-logprob), scored as "
                                              "variant cud_NAME (repeatable)."),
+    pilots: Optional[str] = typer.Option(None, help="`cud pilot` folder: each method's pilot "
+                                                    "joins the forecast ladder "
+                                                    "(validation/ladder.csv)."),
+    prices: Optional[str] = typer.Option(None, help="JSON file {estimate: seconds per sample} "
+                                                    "for folders made before prices were kept "
+                                                    "(e.g. circuits, loss, grad_norm, mrd from "
+                                                    "stage times); measured prices win."),
+    ladder: Optional[bool] = typer.Option(None, "--ladder/--no-ladder",
+                                          help="The forecast ladder: every estimate at its "
+                                               "price, learned forecasters per method "
+                                               "(default: on)."),
     split_method: Optional[str] = typer.Option(None, help="Also run the easy/hard split "
                                                           "protocol with this method (needs "
                                                           "--model)."),
@@ -237,7 +248,7 @@ def validate(
 ):
     """Judge CUD and every baseline on held-out samples; robustness; optional split protocol."""
     from cud.circuits.store import load_circuits
-    from cud.difficulty.stage import validate_to_folder
+    from cud.difficulty.stage import forecast_inputs, validate_to_folder
     from cud.tables import read_table
 
     if split_method and not model:
@@ -247,7 +258,7 @@ def validate(
         seed=seed, outcomes=tuple(csv_list(outcome)) if outcome else None, distance=distance,
         weighted=weighted, sizes=int_list(sizes, "--sizes"),
         distances=tuple(csv_list(distances)) if distances else None, n_boot=n_boot, ci=ci,
-        predictor=predictor, pools=pools, variants=variants)
+        predictor=predictor, pools=pools, variants=variants, ladder=ladder)
     folder = out_folder(out)
     cs = load_circuits(circuits)
     others = {}
@@ -264,15 +275,20 @@ def validate(
         ac = load_anchors(anchors)
         check_compatible(ac, cs.graph, cs.settings)
         main = ac.anchors
+    forecast = forecast_inputs(circuits=circuits, baselines=baselines, unlearning=outcomes,
+                               pilots=pilots)
+    if prices:
+        forecast.prices.estimates = {**_prices_file(prices), **forecast.prices.estimates}
     with progress_bars() as bar:
         study = validate_to_folder(cs, tables, folder, settings, baselines=base, anchors=main,
                                    retest=load_circuits(retest) if retest else None,
-                                   others=others, progress=bar)
+                                   others=others, forecast=forecast, progress=bar)
     split = None
     if split_method:
         split = _split_protocol(study, tables, split_method, model, data, hyperparameters,
                                 device, folder)
     _validation_summary(study, settings, list(tables))
+    _ladder_summary(study, settings)
     if split is not None:
         console.print(f"easy/hard split protocol ({split_method}):")
         console.print(split.summary.round(3).to_string(index=False))
@@ -318,6 +334,55 @@ def _validation_summary(study, settings: StudySettings, methods: list[str]) -> N
     console.print(f"robustness ({first}; ρ averaged over methods; rho_vs_main = rank agreement "
                   f"with the main CUD):")
     console.print(piv.round(2).to_string(index=False))
+
+
+def _prices_file(path: str) -> dict[str, float]:
+    import json
+    import math
+
+    from cud.errors import DataError
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise DataError(f"unreadable prices file ({e.strerror or e})", file=path) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"not JSON ({e.msg})", file=path, line=e.lineno) from None
+    if not isinstance(data, dict):
+        raise DataError("expected a JSON object {estimate: seconds per sample}", file=path)
+    out = {}
+    for name, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:
+            raise DataError(f"expected seconds per sample (a number >= 0), got {value!r}",
+                            file=path, field=str(name))
+        out[str(name)] = float(value)
+    return out
+
+
+def _ladder_summary(study, settings: StudySettings) -> None:
+    """Per method, the best forecast at each price tier and the paired test against the best
+    single baseline; collapsed methods flagged."""
+    from rich.table import Table
+
+    from cud.difficulty.ladder import best_per_tier
+
+    if study.ladder.empty:
+        return
+    first = settings.outcomes[0]
+    best = best_per_tier(study.ladder, first)
+    t = Table(title=f"forecast ladder ({first}): the best estimate at each price, held-out ρ, "
+                    f"and against the best single baseline (paired bootstrap); all rows in "
+                    f"ladder.csv")
+    for col in ("method", "price", "best estimate", "s / sample", "ρ [95% CI]", "vs", "Δρ",
+                "p"):
+        t.add_column(col, justify="right" if col in ("s / sample", "Δρ", "p") else "left")
+    for r in best.to_dict("records"):
+        name = r["method"] + (" (collapsed)" if r["collapsed"] else "")
+        t.add_row(name, r["tier_label"], r["estimate"], f"{r['seconds_per_sample']:.3g}",
+                  fmt_ci(r["spearman"], r["spearman_lo"], r["spearman_hi"]), r["versus"],
+                  "–" if r["estimate"] == r["versus"] else f"{r['diff']:+.2f}",
+                  "–" if r["estimate"] == r["versus"] else f"{r['p']:.3g}")
+    console.print(t)
 
 
 def _split_protocol(study, tables, method, model, data, table_name, device, out_dir: Path):

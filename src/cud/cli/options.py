@@ -58,6 +58,15 @@ def int_list(spec: str | None, option: str) -> tuple[int, ...] | None:
             from None
 
 
+def float_list(spec: str | None, option: str) -> tuple[float, ...] | None:
+    if spec is None:
+        return None
+    try:
+        return tuple(float(x) for x in csv_list(spec))
+    except ValueError:
+        raise ConfigError(f"{option} expects comma-separated numbers, got '{spec}'") from None
+
+
 def id_list(spec: str) -> list[str]:
     """A file (one id per line, or a JSON list) or a comma-separated list of ids."""
     path = Path(spec)

@@ -9,7 +9,8 @@ import typer
 
 from cud.cli.app import command, console
 from cud.cli.common import load_or_teach, say_text_cuts
-from cud.cli.options import csv_list, default, out_folder, parse_params, settings_from
+from cud.cli.options import (csv_list, default, float_list, out_folder, parse_params,
+                             settings_from)
 from cud.cli.render import progress_bars
 from cud.unlearning.folder import UnlearningSettings
 
@@ -60,6 +61,24 @@ def unlearn(
                                            help="Also measure model utility (retain + general "
                                                 "knowledge) after each method (default: on)."),
     save_model: bool = typer.Option(False, help="Save each unlearned model in the output."),
+    calibrate: Optional[str] = typer.Option(None, help="Methods whose learning rate is chosen "
+                                                       "first (comma list, or 'all'): the "
+                                                       "largest of --calibration-grid x the "
+                                                       "method's rate whose retain NLL rise on a "
+                                                       "held part of the retain set stays within "
+                                                       "--retain-budget (default: none)."),
+    retain_budget: Optional[float] = typer.Option(None, help="Mean retain NLL rise (nats) a "
+                                                             "method may cost; above it the "
+                                                             "method is flagged collapsed "
+                                                             f"{default(D, 'retain_budget')}."),
+    calibration_grid: Optional[str] = typer.Option(None, help="Multiples of the method's rate "
+                                                              "tried by --calibrate "
+                                                              f"{default(D, 'calibration_grid')}."),
+    calibration_held: Optional[float] = typer.Option(None, help="Share of the retain set held "
+                                                                "out of training to measure the "
+                                                                "rise on (calibrated methods) "
+                                                                f"{default(D, 'calibration_held')}"
+                                                                "."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: GPU if any)."),
     out: str = typer.Option("cud-out/unlearning", help="Output folder (created, or resumed)."),
 ):
@@ -74,7 +93,13 @@ def unlearn(
     if method is not None:
         methods = tuple(METHODS) if method == "all" else tuple(m.lower() for m in
                                                                csv_list(method))
-    settings = settings_from(UnlearningSettings, methods=methods,
+    chosen = methods or D().methods
+    to_calibrate = None if calibrate is None else \
+        tuple(chosen) if calibrate == "all" else tuple(m.lower() for m in csv_list(calibrate))
+    settings = settings_from(UnlearningSettings, methods=methods, calibrate=to_calibrate,
+                             retain_budget=retain_budget,
+                             calibration_grid=float_list(calibration_grid, "--calibration-grid"),
+                             calibration_held=calibration_held,
                              hyperparameters=hyperparameters, params=parse_params(param) or None,
                              lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                              grad_accum=grad_accum, bf16=bf16, eval_every=eval_every,
@@ -90,16 +115,24 @@ def unlearn(
         run = unlearn_to_folder(lm, sets.forget, sets.retain, folder, settings, progress=bar)
     table = Table(title=f"per-sample NLL increase on the forget set ({len(sets.forget)} "
                         f"samples)")
-    for col in ("method", "min", "q1", "median", "q3", "max",
-                f"forgotten (p<{settings.threshold})", "retain ΔNLL", "time"):
+    for col in ("method", "lr", "min", "q1", "median", "q3", "max",
+                f"forgotten (p<{settings.threshold})", "retain ΔNLL", "held retain ΔNLL",
+                "time"):
         table.add_column(col, justify="right")
     for row in run.summary.to_dict("records"):
-        rise = row["retain_nll_delta"]
-        table.add_row(row["method"], *(f"{row[k]:.2f}" for k in ("min", "q1", "median", "q3",
-                                                                  "max")),
+        rise, held = row["retain_nll_delta"], row["retain_held_rise"]
+        name = row["method"] + (" [bold red](collapsed)[/]" if row["collapsed"] else "")
+        table.add_row(name, f"{row['lr']:.2g}",
+                      *(f"{row[k]:.2f}" for k in ("min", "q1", "median", "q3", "max")),
                       f"{row['forgotten']:.0%}", "–" if rise is None else f"{rise:+.2f}",
+                      "–" if held is None else f"{held:+.2f}",
                       "reused" if row["reused"] else f"{row['train_seconds']:.0f} s")
     console.print(table)
+    collapsed = [r["method"] for r in run.summary.to_dict("records") if r["collapsed"]]
+    if collapsed:
+        console.print(f"[bold red]collapsed[/]: {', '.join(collapsed)} raised the retain NLL "
+                      f"by more than {settings.retain_budget} nats: their outcomes describe a "
+                      f"damaged model (calibrate them: --calibrate)", highlight=False)
     if run.agreement is not None:
         console.print("Spearman agreement of the methods' NLL increases:")
         console.print(run.agreement.round(2).to_string())

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +26,7 @@ from cud.data.samples import QASample
 from cud.errors import ConfigError
 from cud.models.answers import answer_logits, teacher_forced_outcomes
 from cud.models.loading import LoadedModel
+from cud.prices import record_price
 from cud.progress import Progress
 from cud.tables import save_table
 
@@ -272,19 +274,33 @@ def baseline_metrics(lm: LoadedModel, samples: Sequence[QASample],
     table = pd.DataFrame(index=ids)
     fingerprint = model_fingerprint(lm) if work is not None else ""
 
+    seconds: dict[str, float] = {}   # per computation: seconds per sample, where it was made
+
+    def timed(name: str, compute: Callable[[], pd.Series | pd.DataFrame]):
+        start = time.perf_counter()
+        value = compute()
+        seconds[name] = (time.perf_counter() - start) / max(1, len(samples))
+        return value
+
     def cached(name: str, key: list, compute: Callable[[], pd.Series | pd.DataFrame]):
         if work is None:
-            return compute()
+            return timed(name, compute)
         h = hashlib.sha256(json.dumps([fingerprint, name, key]).encode())
         for s in samples:
             h.update(s.identity().encode())
         path = work / f"baseline.{name}.{h.hexdigest()[:16]}.parquet"
+        price = path.with_suffix(".seconds.json")  # the price, kept beside the cached value
         if path.is_file():
+            try:
+                seconds[name] = float(json.loads(price.read_text())["seconds_per_sample"])
+            except (OSError, ValueError, KeyError, TypeError):
+                seconds[name] = math.nan   # cached before prices were kept
             return pd.read_parquet(path)
-        value = compute()
+        value = timed(name, compute)
         frame = value.to_frame() if isinstance(value, pd.Series) else value
         work.mkdir(parents=True, exist_ok=True)
         frame.to_parquet(path)
+        price.write_text(json.dumps({"seconds_per_sample": seconds[name]}) + "\n")
         return frame
 
     tf_wanted = [m for m in ("loss", "prob", "exact_mem") if m in b.metrics]
@@ -310,6 +326,12 @@ def baseline_metrics(lm: LoadedModel, samples: Sequence[QASample],
                                                progress=progress)), ids)
     if "random" in b.metrics:
         table["random"] = random_scores(samples, b.seed)
+        seconds["random"] = 0.0
+    # each metric's price: the computation that made it (loss, prob and exact memorisation
+    # share one teacher-forced pass, so each carries that pass's price)
+    made_by = {"loss": "teacher_forced", "prob": "teacher_forced", "exact_mem": "teacher_forced"}
+    table.attrs["seconds_per_sample"] = {m: seconds.get(made_by.get(m, m), math.nan)
+                                         for m in table.columns}
     return table
 
 
@@ -321,6 +343,15 @@ def baselines_to_folder(lm: LoadedModel, samples: Sequence[QASample], out: str |
     table = baseline_metrics(lm, samples, settings, work_dir=Path(out) / ".work",
                              progress=progress)
     save_table(table, Path(out) / "baselines")
+    what = {"loss": "one teacher-forced pass (shared by loss, prob, exact_mem)",
+            "prob": "one teacher-forced pass (shared by loss, prob, exact_mem)",
+            "exact_mem": "one teacher-forced pass (shared by loss, prob, exact_mem)",
+            "min_k_prob": "one teacher-forced pass", "grad_norm": "one backward pass a sample",
+            "mrd": f"{settings.mrd_k} perturbed forward passes", "random": "nothing"}
+    for metric, per_sample in table.attrs.get("seconds_per_sample", {}).items():
+        if math.isfinite(per_sample):
+            record_price(out, metric, per_sample * len(samples), len(samples),
+                         what=what.get(metric, ""))
     return table
 
 

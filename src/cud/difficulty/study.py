@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -45,8 +46,10 @@ from cud.circuits.graph import Graph
 from cud.circuits.selection import SelectionSettings
 from cud.difficulty.anchors import (AnchorSet, anchor_circuits, anchor_pool,
                                     anchors_from_outcomes)
+from cud.difficulty.forecast import is_cud, one_hot_types
 from cud.difficulty.groundtruth import (DEFAULT_ANCHOR_OUTCOME, DEFAULT_OUTCOMES, common_ids,
                                         consensus_difficulty, difficulty, indexed_by_id)
+from cud.difficulty.ladder import ForecastInputs, PoolView, ladder_table
 from cud.difficulty.predictor import circuit_features, fit_predictor, structure_features
 from cud.difficulty.retest import retest_table
 from cud.difficulty.score import DISTANCES
@@ -114,6 +117,9 @@ class StudySettings:
     #: also run METHOD §8's easy/hard split protocol with this unlearning method
     #: (:func:`cud.difficulty.split.split_protocol_to_folder`); None: not run
     split_method: str | None = None
+    #: the forecast ladder (:mod:`cud.difficulty.ladder`): every estimate at its price per
+    #: method, with learned forecasters fitted on each pool (``ladder.csv``)
+    ladder: bool = True
 
     def __post_init__(self):
         if self.split_method is not None:
@@ -158,9 +164,12 @@ class StudyResult:
     retest: pd.DataFrame = field(default_factory=pd.DataFrame)
     per_sample: pd.DataFrame = field(default_factory=pd.DataFrame)  # pool, id, role, metrics
     pools: list[dict] = field(default_factory=list)                 # seed, anchors, held-out
+    ladder: pd.DataFrame = field(default_factory=pd.DataFrame)      # every estimate's price, ρ
+    forecasters: dict = field(default_factory=dict)                 # first pool's fits
+    flags: dict = field(default_factory=dict)          # method -> collapsed, retain NLL rise
 
     TABLES = ("heldout", "per_pool", "paired", "variants", "cross_method", "robustness",
-              "confounds", "retest")
+              "confounds", "retest", "ladder")
 
     def save(self, folder: str | Path) -> Path:
         """Write every table (Parquet + CSV), the per-sample values (``per_sample``) and
@@ -180,7 +189,8 @@ class StudyResult:
             "settings": asdict(self.settings),
             "anchors": {n: a.to_dict() for n, a in self.anchors.items()},
             "held_out": self.held_out, "excluded": self.excluded, "pools": self.pools,
-            "predictor": self.predictor}, indent=1, default=str) + "\n")
+            "predictor": self.predictor, "forecasters": self.forecasters,
+            "flags": self.flags}, indent=1, default=str) + "\n")
         return root
 
 
@@ -567,15 +577,16 @@ def run_study(ids: Sequence[str], edge_scores: Tensor, graph: Graph,
               circuits: Tensor | None = None, settings: StudySettings = StudySettings(),
               circuit_settings: dict | None = None, info: pd.DataFrame | None = None,
               others: Mapping[str, CircuitData] | None = None,
-              retest: CircuitData | None = None, progress: Progress | None = None
-              ) -> StudyResult:
+              retest: CircuitData | None = None, forecast: ForecastInputs | None = None,
+              progress: Progress | None = None) -> StudyResult:
     """Run the study (see the module docstring). ``ids``/``edge_scores`` (N, E): every sample
     with a circuit; ``circuits``: their (N, E) circuits under ``selection``; ``outcomes``:
     ``{method: outcome table}``; ``baselines``: index id, one column per baseline metric;
     ``anchors``: the user's main anchor set (then one pool: the user's); ``info``: per-sample
     columns ``question_type``, ``n_answer_tokens`` and ``faithfulness_<n>`` where known;
     ``others``: other circuits of the same samples (variants ``cud_<name>``); ``retest``: the
-    same samples' circuits from independent corrupted prompts (the test-retest table)."""
+    same samples' circuits from independent corrupted prompts (the test-retest table);
+    ``forecast``: the pilots, prices and method flags of the ladder (``settings.ladder``)."""
     ids = [str(i) for i in ids]
     if not outcomes:
         raise ConfigError("the study needs at least one method's outcomes")
@@ -594,7 +605,8 @@ def run_study(ids: Sequence[str], edge_scores: Tensor, graph: Graph,
     report(0, None, "circuits of every size")
     data = CircuitData.build(ids, graph, edge_scores, selection, circuits, sizes, faith,
                              others)
-    structure = structure_features(graph, data.circuits[data.size]) if s.predictor else None
+    structure = structure_features(graph, data.circuits[data.size]) \
+        if s.predictor or s.ladder else None
     truths = _truths(outcomes, s.outcomes)
     pools = _draw_pools(shared, outcomes, s, anchors)
     all_stats, all_nulls = [], []
@@ -614,6 +626,12 @@ def run_study(ids: Sequence[str], edge_scores: Tensor, graph: Graph,
                               "validation_n": p.info.get("validation_n"),
                               "selected": name == p.selected}
                              for p in pools for name, score in p.info["validation"].items()])
+    ladder, forecasters = pd.DataFrame(), {}
+    forecast = forecast or ForecastInputs()
+    if s.ladder:
+        report(len(pools), len(pools), "forecast ladder")
+        ladder, forecasters = _ladder(pools, data, outcomes, info, structure, truths, shared,
+                                      forecast, s)
     retest_table = pd.DataFrame()
     if retest is not None:
         report(len(pools), len(pools), "test-retest")
@@ -628,10 +646,78 @@ def run_study(ids: Sequence[str], edge_scores: Tensor, graph: Graph,
         metrics=metrics, anchors=first.anchors, held_out=first.held,
         excluded=sorted(first.banned), predictor=first.info.get("predictor", {}), settings=s,
         per_pool=per_pool, paired=paired, variants=variants, confounds=confounds,
-        retest=retest_table, per_sample=per_sample,
+        retest=retest_table, per_sample=per_sample, ladder=ladder, forecasters=forecasters,
+        flags={m: f for m, f in forecast.flags.items() if m in outcomes},
         pools=[{"seed": p.seed, "pool": p.pool, "held_out": p.held, "selected": p.selected,
                 "faithful_size": p.info.get("faithful_size"),
                 "anchors": {n: a.to_dict() for n, a in p.anchors.items()}} for p in pools])
+
+
+def _ladder(pools: list[_Pool], data: CircuitData, outcomes, info, structure, truths,
+            shared: list[str], forecast: ForecastInputs, s: StudySettings):
+    """The forecast ladder (:func:`cud.difficulty.ladder.ladder_table`) on the study's pools:
+    for each method, each pool seen with that method's own anchors (CUD and its variants scored
+    with them, the baselines read as the study read them, the question type's mean over the
+    pool of that method's difficulty, the method's pilot), plus the circuit-structure
+    statistics and one-hot question types as forecaster inputs. The seconds CUD's scoring takes
+    once the circuits exist (anchor circuits and distances) join the circuits' price."""
+    ids = data.ids
+    extra = pd.DataFrame(index=pd.Index(ids, name="id"))
+    if structure is not None:
+        extra = extra.join(structure.set_axis(ids).add_prefix("s_"))
+    if info is not None and "question_type" in info:
+        extra = extra.join(one_hot_types(info["question_type"].reindex(ids).fillna("")))
+    views: dict[str, list[PoolView]] = {}
+    timings = []
+    for m, table in outcomes.items():
+        target = difficulty(table, s.anchor_outcome)
+        # the study's own CUD columns serve when this method's anchors are the main ones in
+        # every pool (a one-method study); else every pool is scored with the method's anchors
+        own = all((p.anchors.get(m, p.anchors["main"]).easy,
+                   p.anchors.get(m, p.anchors["main"]).hard)
+                  == (p.anchors["main"].easy, p.anchors["main"].hard) for p in pools)
+        for p in pools:
+            anchors = p.anchors.get(m, p.anchors["main"])
+            scores = pd.DataFrame(index=pd.Index(ids, name="id"))
+            began = time.perf_counter()
+            cud = cud_at(data, anchors, data.size, s.distance, s.weighted)
+            timings.append((time.perf_counter() - began) / max(1, len(ids)))
+            if own:
+                for c in p.metrics.columns:
+                    if is_cud(c):
+                        scores[c] = p.metrics[c]
+            else:
+                if s.variants:
+                    variants, _ = variant_scores(data, anchors, p.pool, sizes=s.variant_sizes,
+                                                 node_k=s.node_k, knn=s.knn,
+                                                 faithfulness_target=s.faithfulness_target)
+                    for name, values in variants.items():
+                        scores[name] = values
+                scores["cud"] = cud
+            for c in p.metrics.columns:
+                if not is_cud(c) and not c.startswith(OURS_PREFIXES) and c != "question_type":
+                    scores[c] = p.metrics[c]
+            pool = [i for i in shared if i in p.banned]
+            types = _type_means(info, target, pool)
+            if len(types):
+                scores["question_type"] = types.reindex(scores.index)
+            if info is not None and "question_length" in info:
+                scores["question_length"] = info["question_length"].reindex(scores.index)
+            pilot = forecast.pilots.get(m)
+            if pilot is not None:
+                for c in pilot.columns:
+                    scores[c] = pilot[c].reindex(scores.index).astype(float)
+            views.setdefault(m, []).append(PoolView(p.seed, pool, list(anchors.easy),
+                                                    list(anchors.hard), list(p.held), scores,
+                                                    extra))
+    prices = replace(forecast.prices, estimates={**forecast.prices.estimates,
+                                                 "cud_scoring": float(np.median(timings))})
+    table, fits = ladder_table(views, truths, prices=prices, collapsed=forecast.collapsed(),
+                               n_boot=s.n_boot, ci=s.ci)
+    summary = {m: {o: {name: {k: v for k, v in fit.items() if k != "train_ids"}
+                       | {"n_train": len(fit["train_ids"])} for name, fit in by_name.items()}
+                   for o, by_name in by_outcome.items()} for m, by_outcome in fits.items()}
+    return table, summary
 
 
 def _retest(data: CircuitData, retest: CircuitData, first: _Pool, s: StudySettings
@@ -688,4 +774,5 @@ def read_study(folder: str | Path) -> StudyResult:
                        anchors={n: AnchorSet.from_dict(a) for n, a in meta["anchors"].items()},
                        held_out=meta["held_out"], excluded=meta["excluded"],
                        predictor=meta.get("predictor", {}), settings=settings,
+                       forecasters=meta.get("forecasters", {}), flags=meta.get("flags", {}),
                        per_sample=table("per_sample"), pools=meta.get("pools", []), **tables)

@@ -174,6 +174,64 @@ def roc_curves(scores: pd.DataFrame, hard: Mapping[str, pd.Series], *,
     return fig
 
 
+#: colour of each kind of estimate on the ladder
+LADDER_KINDS = {"baseline": "#495057", "cud": "#1c7ed6", "pilot": "#f08c00",
+                "forecaster": "#2b8a3e"}
+
+
+def forecast_ladder(ladder: pd.DataFrame, *, outcome: str, ncols: int = 3) -> Figure:
+    """The forecast ladder: one panel per method, one point per estimate at x = its seconds per
+    sample (log scale; free estimates at the left edge, unknown prices left out) and y = its
+    held-out ρ (mean over pools) with the pooled interval; colours by kind (baseline, CUD,
+    pilot, learned forecaster); the best single baseline's ρ as a dotted line."""
+    rows = ladder[ladder["outcome"] == outcome]
+    methods = list(dict.fromkeys(rows["method"]))
+    fig, axes = _grid(max(1, len(methods)), ncols, size=(5.0, 4.0))
+    for ax, method in zip(axes, methods):
+        r = rows[(rows["method"] == method) & np.isfinite(rows["seconds_per_sample"])
+                 & np.isfinite(rows["spearman"])].copy()
+        positive = r.loc[r["seconds_per_sample"] > 0, "seconds_per_sample"]
+        floor = float(positive.min()) / 10 if len(positive) else 1e-3
+        r["x"] = r["seconds_per_sample"].where(r["seconds_per_sample"] > 0, floor)
+        for kind, colour in LADDER_KINDS.items():
+            part = r[r["kind"] == kind]
+            if part.empty:
+                continue
+            lo = (part["spearman"] - part["spearman_lo"]).clip(lower=0).fillna(0)
+            hi = (part["spearman_hi"] - part["spearman"]).clip(lower=0).fillna(0)
+            ax.errorbar(part["x"], part["spearman"], yerr=[lo, hi], fmt="o", ms=4,
+                        color=colour, ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.85,
+                        label=kind)
+        shown = r.sort_values("spearman", ascending=False)
+        shown = shown[~shown["estimate"].str.match(r"cud_(n\d+|weighted|nodes|paper|faithful)")]
+        placed = set()
+        for _, row in shown.head(8).iterrows():   # label the best few, not every variant
+            where = (round(float(row["x"]), 12), round(float(row["spearman"]), 3))
+            if where in placed:   # the same point (e.g. pilots on one step): one label
+                continue
+            placed.add(where)
+            ax.annotate(row["estimate"].replace("forecast_", "F:"), (row["x"], row["spearman"]),
+                        fontsize=6, xytext=(3, 2), textcoords="offset points")
+        versus = r["versus"].dropna()
+        if len(versus) and versus.iloc[0] in set(r["estimate"]):
+            base = r.loc[r["estimate"] == versus.iloc[0], "spearman"].iloc[0]
+            ax.axhline(base, color=OTHER, ls=":", lw=0.8)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xscale("log")
+        flag = " (COLLAPSED)" if bool(r["collapsed"].any()) else ""
+        ax.set_title(f"{method}{flag}: {outcome}", fontsize=10,
+                     color=HARD if flag else "black")
+        ax.set_xlabel(f"seconds per sample (log; free at {floor:.2g})")
+        ax.set_ylabel("held-out Spearman ρ")
+        if r.empty:
+            ax.text(0.5, 0.5, "no prices recorded", transform=ax.transAxes, ha="center",
+                    color=OTHER)
+    handles, labels = axes[0].get_legend_handles_labels() if len(methods) else ([], [])
+    if handles:
+        axes[0].legend(handles, labels, frameon=False, fontsize=7, loc="lower right")
+    return fig
+
+
 def _layer_ticks(n: int, first: str, last: str | None = None) -> tuple[list[int], list[str]]:
     """Tick positions and labels for n layer bins (first bin ``first``; last bin ``last``)."""
     step = max(1, int(np.ceil(n / 12)))

@@ -233,6 +233,9 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
         b.notes.append(f"Outcome '{o}': in no method's outcome table, not shown")
     forgetting = {o: f for o, f in forgetting.items() if f}
 
+    if study is not None and not getattr(study, "ladder", pd.DataFrame()).empty:
+        _ladder_section(b, study)
+    ladder_parts, b.parts = b.parts, []   # drawn right after the verdict
     _distribution_section(b, cud, anchors)
     _outcomes_section(b, cud, forgetting, outcome_tables, study, anchors, held)
     if study is not None:
@@ -256,7 +259,7 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
         b.skip("Circuit drawings", "no circuits")
     _extremes_section(b, cud_table, samples, anchors, outcome_tables, first, n_extremes)
 
-    page = _page(title, inputs, b)
+    page = _page(title, inputs, b, ladder_parts)
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return Report(path, b.figures, b.tables, b.sections, b.notes)
@@ -380,25 +383,87 @@ def _fmt(v: float) -> str:
     return "–" if v is None or not np.isfinite(v) else f"{v:+.2f}"
 
 
+def _beats(diff_lo: float, diff_hi: float) -> str:
+    if diff_lo > 0:
+        return "<b class='agrees'>beats</b>"
+    if diff_hi < 0:
+        return "<b class='opposite'>is beaten by</b>"
+    return "<b>does not beat</b>"
+
+
+def collapsed_note(study) -> str:
+    """A warning naming each method flagged collapsed (its retain NLL rose past the budget):
+    its outcomes describe a damaged model, and every number judged against them says so."""
+    flags = getattr(study, "flags", None) or {}
+    bad = {m: f for m, f in flags.items() if f.get("collapsed")}
+    if not bad:
+        return ""
+    items = ", ".join(
+        f"<b>{html.escape(m)}</b> (retain NLL {_fmt(f.get('retain_nll_rise'))} nats on the "
+        f"{html.escape(str(f.get('collapse_measure', '')))}, budget "
+        f"{f.get('retain_budget')})" for m, f in bad.items())
+    return (f"<p><b class='opposite'>Collapsed</b>: {items}. These methods damaged the model "
+            f"beyond the budget: their outcomes describe a broken model rather than the samples, "
+            f"and every figure judged against them is marked (collapsed). Calibrate them "
+            f"(<code>cud unlearn --calibrate METHOD</code>, <code>[unlearning] calibrate</code>) "
+            f"before reading them.</p>")
+
+
+def ladder_lines(study, outcome: str) -> str:
+    """Per method, the best forecast at each price tier (free, one pass, circuits, pilot at
+    f %) and whether it beats the best single baseline by the study's paired test."""
+    from cud.difficulty.ladder import best_per_tier
+    ladder = getattr(study, "ladder", None)
+    if ladder is None or ladder.empty:
+        return ""
+    best = best_per_tier(ladder, outcome)
+    items = []
+    for method, group in best.groupby("method", sort=False):
+        parts, previous = [], None
+        for r in group.to_dict("records"):
+            if r["estimate"] == previous:
+                parts.append(f"{html.escape(r['tier_label'])}: nothing better")
+                continue
+            previous = r["estimate"]
+            price = r["seconds_per_sample"]
+            cost = "free" if price == 0 else "price unknown" if not np.isfinite(price) \
+                else f"{price:.3g} s/sample"
+            text = (f"{html.escape(r['tier_label'])}: <code>{html.escape(r['estimate'])}</code> "
+                    f"ρ = {_fmt(r['spearman'])} [{_fmt(r['spearman_lo'])}, "
+                    f"{_fmt(r['spearman_hi'])}] ({cost})")
+            if r["estimate"] == r["versus"]:
+                text += " (the best single baseline)"
+            elif np.isfinite(r["diff"]):
+                text += (f", {_beats(r['diff_lo'], r['diff_hi'])} "
+                         f"{html.escape(r['versus'])} by {_fmt(r['diff'])} "
+                         f"[{_fmt(r['diff_lo'])}, {_fmt(r['diff_hi'])}], p = {r['p']:.3g}")
+            parts.append(text)
+        flag = " <b class='opposite'>(collapsed)</b>" if group["collapsed"].any() else ""
+        items.append(f"<li><b>{html.escape(method)}</b>{flag}: " + "; ".join(parts) + "</li>")
+    return (f"<p>The best forecast at each price (what that price buys: the estimates of that "
+            f"tier or a cheaper one; <code>validation/ladder.csv</code> has every estimate), "
+            f"held-out ρ with {html.escape(outcome)}, against each method's best single "
+            f"baseline by the paired bootstrap:</p><ul>{''.join(items)}</ul>")
+
+
 def verdict(study) -> str:
     """The report's opening lines: CUD against the best baseline with the interval and the
-    paired test, per method (first outcome), and CUD's test-retest reliability."""
-    if study is None or study.paired.empty:
+    paired test, per method (first outcome), the best forecast at each price (the ladder),
+    collapsed methods, and CUD's test-retest reliability."""
+    if study is None or (study.paired.empty and getattr(study, "ladder", pd.DataFrame()).empty):
         return ""
     outcome = study.settings.outcomes[0]
     lines = []
     for r in study.paired[(study.paired["metric"] == "cud")
-                          & (study.paired["outcome"] == outcome)].itertuples():
+                          & (study.paired["outcome"] == outcome)].itertuples() \
+            if not study.paired.empty else ():
         cud, base = _row(study, "cud", r.method, outcome), _row(study, r.versus, r.method,
                                                                  outcome)
-        if r.diff_lo > 0:
-            word = "<b class='agrees'>beats</b>"
-        elif r.diff_hi < 0:
-            word = "<b class='opposite'>is beaten by</b>"
-        else:
-            word = "<b>does not beat</b>"
+        word = _beats(r.diff_lo, r.diff_hi)
+        flag = " <b class='opposite'>(collapsed)</b>" if \
+            (getattr(study, "flags", None) or {}).get(r.method, {}).get("collapsed") else ""
         lines.append(
-            f"<li><b>{html.escape(r.method)}</b>: CUD ρ = {_fmt(cud['spearman'])} "
+            f"<li><b>{html.escape(r.method)}</b>{flag}: CUD ρ = {_fmt(cud['spearman'])} "
             f"[{_fmt(cud['spearman_lo'])}, {_fmt(cud['spearman_hi'])}]; the best baseline, "
             f"{html.escape(r.versus)}, ρ = {_fmt(base['spearman'])} [{_fmt(base['spearman_lo'])}"
             f", {_fmt(base['spearman_hi'])}]. CUD {word} it: difference {_fmt(r.diff)} "
@@ -415,12 +480,14 @@ def verdict(study) -> str:
                       f"it can reach.</p>")
     n = int(study.heldout["n"].max()) if not study.heldout.empty else 0
     retest = anchors_note(study, outcome) + retest
-    return (f"<section id='verdict'><h2>Verdict on this run</h2><p>Held-out Spearman ρ with "
+    return (f"<section id='verdict'><h2>Verdict on this run</h2>{collapsed_note(study)}"
+            f"<p>Held-out Spearman ρ with "
             f"each method's difficulty ({html.escape(outcome)}), mean over "
             f"{len(study.pools) or 1} random anchor pools of n = {n} evaluated samples each, "
             f"with pooled 95% intervals. <i>Signs, everywhere in this report: every metric reads "
             f"higher = predicted harder, every difficulty higher = less forgotten, so a "
-            f"working metric has ρ &gt; 0.</i></p><ul>{''.join(lines)}</ul>{retest}</section>")
+            f"working metric has ρ &gt; 0.</i></p><ul>{''.join(lines)}</ul>"
+            f"{ladder_lines(study, outcome)}{retest}</section>")
 
 
 def anchors_note(study, outcome: str) -> str:
@@ -455,6 +522,26 @@ def anchors_note(study, outcome: str) -> str:
                      + ", ".join(own) + " (one study per method: <code>cud validate "
                      "--method M</code>).")
     return text + "</p>"
+
+
+def _ladder_section(b: _Builder, study) -> None:
+    """The forecast ladder: every estimate of each method at its price (figure and table)."""
+    outcome = study.settings.outcomes[0]
+    b.section("ladder", "The forecast ladder: each estimate at its price",
+              "Each point is one difficulty estimate for one method: x its seconds per sample, "
+              "measured where it was made (free estimates at the left edge), y its held-out ρ "
+              "(mean over anchor pools, pooled 95% interval). Baselines grey, CUD and its "
+              "variants blue, the method's own pilot at a fraction of its steps orange, learned "
+              "forecasters (F:, fitted on each pool's samples only) green; the dotted line is "
+              "the best single baseline.")
+    b.figure("forecast_ladder", lambda: F.forecast_ladder(study.ladder, outcome=outcome),
+             f"The forecast ladder ({html.escape(outcome)}).")
+    rows = study.ladder[study.ladder["outcome"] == outcome]
+    shown = rows[["method", "estimate", "tier", "seconds_per_sample", "share_of_method", "steps",
+                  "spearman", "spearman_lo", "spearman_hi", "versus", "diff", "p",
+                  "collapsed"]].sort_values(["method", "spearman"], ascending=[True, False])
+    b.table(shown, name=f"ladder_{outcome}", index=False)
+    b.end()
 
 
 def _study_section(b: _Builder, study) -> None:
@@ -623,9 +710,10 @@ def _extremes(cud_table, samples, anchors, outcomes, outcome, n, ascending) -> p
     return table
 
 
-def _page(title: str, inputs: ReportInputs, b: _Builder) -> str:
+def _page(title: str, inputs: ReportInputs, b: _Builder, first: Sequence[str] = ()) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    names = {"distribution": "CUD", "outcomes": "outcomes", "heldout": "held-out",
+    names = {"ladder": "ladder", "distribution": "CUD", "outcomes": "outcomes",
+             "heldout": "held-out",
              "roc": "ROC", "structure": "structure", "circuits": "circuits",
              "extremes": "samples"}
     nav = "".join(f'<a href="#{k}">{names.get(k, k)}</a>' for k in b.sections)
@@ -638,6 +726,7 @@ def _page(title: str, inputs: ReportInputs, b: _Builder) -> str:
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><p class='muted'>Circuit-guided Unlearning Difficulty"
             f" · generated {stamp}</p><nav>{nav}</nav>" + verdict(inputs.study)
+            + "\n".join(first)
             + (f"<h3>Inputs</h3><ul>{sources}</ul>" if sources else "")
             + (f"<div class='notes'><b>Not in this report</b><ul>{notes}</ul></div>"
                if notes else "")

@@ -8,8 +8,12 @@ forget set, written to a folder, one sub-folder per method (the layout
     <method>/outcomes.parquet/.csv per-sample deltas and steps to forget
     <method>/after.parquet/.csv    forget-set outcomes after unlearning
     <method>/trajectory.csv        per-sample NLL every k steps (with eval_every)
-    <method>/settings.json         the method's settings, training time, retain NLL change, utility
+    <method>/settings.json         the method's settings, training time, retain NLL change, utility,
+                                   the rate used and ``collapsed`` (retain NLL rise over the budget)
+    <method>/calibration.json      with ``calibrate``: each rate tried and its held retain NLL rise
     agreement_nll_delta.csv        Spearman agreement of the methods' NLL increases
+    prices.json                    seconds per forget sample of the evaluation before unlearning
+                                   and of each method (training, evaluation after, utility)
 
 Resumable like a circuits folder: ``unlearning.json`` holds the model's fingerprint and hashes
 of the forget and retain sets, and each method's ``settings.json`` the request it ran; a method
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +40,9 @@ from cud.models.fingerprint import model_fingerprint
 from cud.models.loading import LoadedModel
 from cud.models.precision import matmul_precision
 from cud.progress import Progress
+from cud.prices import record_price
+from cud.unlearning.calibration import (DEFAULT_BUDGET, DEFAULT_GRID, DEFAULT_HELD, calibrate,
+                                        check_calibration, held_retain, held_rise, is_collapsed)
 from cud.unlearning.hyperparameters import DEFAULT_TABLE, TABLES, hyperparameters
 from cud.unlearning.methods import METHODS
 from cud.unlearning.outcomes import evaluate_outcomes, model_utility, save_outcomes
@@ -60,7 +68,13 @@ class UnlearningSettings:
     method, on the first ``utility_samples`` retain samples (all when None).
     ``eval_batch_size``: samples per evaluation pass; ``generation_budget``: greedy answers
     stop after that many times the true answer's tokens, plus 8. ``save_model``: keep each
-    unlearned model in the folder (does not change the results)."""
+    unlearned model in the folder (does not change the results).
+
+    ``calibrate``: methods whose learning rate is chosen first (:mod:`cud.unlearning.calibration`):
+    the largest of ``calibration_grid`` x the method's rate whose mean retain NLL rise on a held
+    ``calibration_held`` share of the retain set (never trained on, by any run of that method)
+    stays within ``retain_budget`` nats. ``retain_budget`` also flags any method whose retain NLL
+    rise exceeds it as ``collapsed`` (on the held part when calibrated, else on the retain set)."""
 
     methods: tuple[str, ...] = ("graddiff", "npo")
     hyperparameters: str = DEFAULT_TABLE
@@ -80,6 +94,10 @@ class UnlearningSettings:
     generation_budget: float = 2.0
     seed: int = 0
     save_model: bool = False
+    calibrate: tuple[str, ...] = ()
+    retain_budget: float = DEFAULT_BUDGET
+    calibration_grid: tuple[float, ...] = DEFAULT_GRID
+    calibration_held: float = DEFAULT_HELD
 
     def __post_init__(self):
         if not self.methods:
@@ -98,6 +116,11 @@ class UnlearningSettings:
                 raise ConfigError(f"unlearning.params.{key}: expected a number, got {value!r}")
         for m in self.methods:
             self.train_config(m).validate()
+        stray = [m for m in self.calibrate if m not in self.methods]
+        if stray:
+            raise ConfigError(f"calibrate lists {', '.join(stray)}, not among the methods run "
+                              f"({', '.join(self.methods)})")
+        check_calibration(self.calibration_grid, self.retain_budget, self.calibration_held)
 
     def method_hyperparameters(self, method: str) -> dict:
         hyper, _ = hyperparameters(method, self.hyperparameters)
@@ -119,7 +142,19 @@ class UnlearningSettings:
                 "train": self.train_config(method).to_dict(), "threshold": self.threshold,
                 "utility": self.utility, "utility_samples": self.utility_samples,
                 "eval_batch_size": self.eval_batch_size,
-                "generation_budget": self.generation_budget}
+                "generation_budget": self.generation_budget,
+                **({"calibration": {"grid": list(self.calibration_grid),
+                                    "budget": self.retain_budget,
+                                    "held": self.calibration_held}}
+                   if method in self.calibrate else {})}
+
+    def retain_split(self, method: str, retain: Sequence[QASample]
+                     ) -> tuple[list[QASample], list[QASample]]:
+        """(the retain samples ``method`` trains on, the held part): the whole retain set and
+        nothing unless the method is calibrated (:func:`held_retain`, seeded by ``seed``)."""
+        if method in self.calibrate and retain:
+            return held_retain(retain, self.calibration_held, self.seed)
+        return list(retain), []
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,11 +225,14 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
     if before_path.exists():
         before = _read(before_path)
     else:
+        began = time.perf_counter()
         with matmul_precision(lm.device, settings.bf16):
             before = evaluate_outcomes(lm, forget, batch_size=settings.eval_batch_size,
                                        generation_budget=settings.generation_budget,
                                        progress=progress)
         save_outcomes(before, root / "before")
+        record_price(root, "evaluation_before", time.perf_counter() - began, len(forget),
+                     what="outcomes of the forget set before unlearning (shared by the methods)")
     shared: dict[str, pd.DataFrame] = {}
 
     def retain_before() -> pd.DataFrame:  # only when a method runs, then once
@@ -235,6 +273,8 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
             raise StoreError(f"{folder}: holds {name} results of other settings (differs in: "
                              f"{', '.join(differ)}); use another --out folder so old and new "
                              f"results do not mix")
+        if _flag_collapse(stored, settings):   # the budget may have changed since
+            settings_path.write_text(json.dumps(stored, indent=1, default=str) + "\n")
         return _read(folder / "outcomes.parquet"), _read(folder / "after.parquet"), stored, True
     folder.mkdir(parents=True, exist_ok=True)
     traj = folder / "trajectory.csv"
@@ -243,25 +283,41 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
     def sink(frame, path=traj):
         frame.to_csv(path, mode="a", header=not path.exists(), index=False)
 
+    trained_retain, held = settings.retain_split(name, retain)
+    config = settings.train_config(name)
+    calibration = None
+    if held:
+        with matmul_precision(lm.device, settings.bf16):
+            calibration = _calibrate(lm, forget, trained_retain, held, folder, name, settings,
+                                     request, progress)
+        config = replace(config, lr=calibration.chosen)
+    began = time.perf_counter()
     with matmul_precision(lm.device, settings.bf16):
-        result = unlearn(lm, forget, retain, method=name,
+        result = unlearn(lm, forget, trained_retain, method=name,
                          hyperparameter_table=settings.hyperparameters,
                          hyperparameters=settings.method_hyperparameters(name),
-                         train_config=settings.train_config(name),
+                         train_config=config,
                          eval_every=settings.eval_every, forget_threshold=settings.threshold,
-                         before=before, evaluate_retain=bool(retain),
-                         retain_before=retain_before() if retain else None,
+                         before=before, evaluate_retain=bool(trained_retain),
+                         retain_before=retain_before().reindex(
+                             [s.id for s in trained_retain]) if trained_retain else None,
                          trajectory_sink=sink,
                          batch_size=settings.eval_batch_size,
                          generation_budget=settings.generation_budget, progress=progress)
+        if held:
+            rise = held_rise(result.model, float(retain_before()["nll"].reindex(
+                [s.id for s in held]).mean()), held, settings.eval_batch_size)
     table = result.per_sample()
     save_outcomes(table, folder / "outcomes")
     save_outcomes(result.after, folder / "after")
     stored = dict(result.settings, train_seconds=round(result.log.seconds, 2), model=lm.name,
-                  request=request)
+                  request=request, lr=config.lr)
     if result.retain_after is not None:
         stored["retain_nll_delta_mean"] = float(
             (result.retain_after["nll"] - result.retain_before["nll"]).mean())
+    if calibration is not None:
+        stored["calibration"] = calibration.to_dict()
+        stored["retain_held_nll_rise"] = rise
     if settings.utility:
         sets = {"general": general_knowledge()}
         if retain:
@@ -270,6 +326,10 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
             stored["utility"] = model_utility(result.model, sets,
                                               batch_size=settings.eval_batch_size,
                                               generation_budget=settings.generation_budget)
+    stored["seconds"] = round(time.perf_counter() - began, 2)
+    record_price(folder.parent, name, stored["seconds"], len(forget),
+                 what="training, outcomes after unlearning, retain NLL and utility")
+    _flag_collapse(stored, settings)
     if settings.save_model:
         from cud.unlearning.finetune import save_hf_folder
         save_hf_folder(result.model.model, result.model.tokenizer, folder / "model")
@@ -277,9 +337,90 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
     return table, result.after, stored, False
 
 
+def _flag_collapse(stored: dict, settings: UnlearningSettings) -> bool:
+    """Set ``collapsed`` (and the measure and budget it was judged by) in a method's stored
+    settings; True when that changed them. Measured on the held retain part for a calibrated
+    method, else on the retain set (which the methods with a retain term train on)."""
+    held = stored.get("retain_held_nll_rise")
+    rise = held if held is not None else stored.get("retain_nll_delta_mean")
+    flags = {"collapsed": is_collapsed(rise, settings.retain_budget),
+             "retain_budget": settings.retain_budget,
+             "collapse_measure": "held retain part" if held is not None else
+             "retain set" if rise is not None else "no retain set: not judged"}
+    changed = any(stored.get(k) != v for k, v in flags.items())
+    stored.update(flags)
+    return changed
+
+
+def _calibrate(lm, forget, trained_retain, held, folder: Path, name: str,
+               settings: UnlearningSettings, request: dict, progress):
+    """The method's calibration (:func:`cud.unlearning.calibration.calibrate`), each rate's
+    rise written to ``calibration.json`` as it is measured, so a killed calibration resumes;
+    one made with another request is refused."""
+    path = folder / "calibration.json"
+    known = {}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
+        if old.get("request") != request:
+            prior = old.get("request", {})
+            differ = sorted(k for k in set(prior) | set(request)
+                            if prior.get(k) != request.get(k))
+            raise StoreError(f"{folder}: holds a {name} calibration of other settings (differs "
+                             f"in: {', '.join(differ)}); use another --out folder so old and "
+                             f"new results do not mix")
+        known = {float(r): float(v) for r, v in old.get("rises", {}).items()}
+
+    def write(rate: float, rise: float) -> None:
+        known[rate] = rise
+        path.write_text(json.dumps({"request": request, "rises": {repr(r): v for r, v in
+                                                                   known.items()}},
+                                   indent=1) + "\n")
+
+    return calibrate(lm, forget, trained_retain, held, method=name,
+                     hyperparameter_table=settings.hyperparameters,
+                     hyperparameters=settings.method_hyperparameters(name),
+                     train_config=settings.train_config(name), grid=settings.calibration_grid,
+                     budget=settings.retain_budget, batch_size=settings.eval_batch_size,
+                     known=known, on_rate=write, progress=progress)
+
+
 def _summary(name, table, after, stored, threshold, reused) -> dict:
     s = spread(table["nll_delta"])
     return {"method": name, **{k: s[k] for k in ("min", "q1", "median", "q3", "max")},
             "forgotten": float((after["prob"] < threshold).mean()),
             "retain_nll_delta": stored.get("retain_nll_delta_mean"),
+            "retain_held_rise": stored.get("retain_held_nll_rise"),
+            "lr": stored.get("lr", stored.get("train", {}).get("lr")),
+            "collapsed": bool(stored.get("collapsed", False)),
             "train_seconds": stored.get("train_seconds"), "reused": reused}
+
+
+def method_flags(folder: str | Path) -> dict[str, dict]:
+    """``{method: {"collapsed", "retain_nll_rise", "collapse_measure", "retain_budget", "lr"}}``
+    from an unlearning folder's ``<method>/settings.json`` files (methods without one are left
+    out): what the study, the report and the verdict say about each method's outcomes. A
+    folder written before methods were flagged is judged here by the default budget."""
+    out = {}
+    for path in sorted(Path(folder).glob("*/settings.json")):
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(stored, dict) or "method" not in stored:
+            continue
+        held = stored.get("retain_held_nll_rise")
+        rise = held if held is not None else stored.get("retain_nll_delta_mean")
+        budget = stored.get("retain_budget", DEFAULT_BUDGET)
+        out[path.parent.name] = {
+            "collapsed": bool(stored["collapsed"]) if "collapsed" in stored
+            else is_collapsed(rise, budget),
+            "retain_nll_rise": rise,
+            "collapse_measure": stored.get("collapse_measure", "held retain part"
+                                           if held is not None else "retain set"),
+            "retain_budget": budget,
+            "lr": stored.get("lr", stored.get("train", {}).get("lr")),
+            "calibrated": "calibration" in stored}
+    return out

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
@@ -94,6 +94,8 @@ class TrainLog:
     steps: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     total_steps: int = 0
+    #: the last optimizer step taken (``total_steps`` unless stopped early by ``stop_after``)
+    stopped_at: int = 0
 
 
 class _Cycle:
@@ -134,12 +136,16 @@ def train(model: torch.nn.Module, objective: Objective, forget: Sequence[Encoded
           retain: Sequence[EncodedSample] | None, config: TrainConfig, *, pad_token_id: int,
           parameters: Sequence[torch.nn.Parameter] | None = None,
           evaluate: Callable[[int], None] | None = None,
-          progress: Progress | None = None, task: str = "training") -> TrainLog:
+          progress: Progress | None = None, task: str = "training",
+          stop_after: int | None = None, eval_steps: Collection[int] = ()) -> TrainLog:
     """Minimise ``objective`` over micro-batches of ``forget`` (with ``retain`` alongside).
 
     Only ``parameters`` move (default: every parameter); the others are frozen for the run and
     unfrozen after. ``progress`` (``task``) is called after each optimizer step with the loss.
-    Leaves the model in eval mode.
+    ``stop_after`` k: stop after k optimizer steps of the full run, whose schedule (warm-up,
+    decay over all its steps) is kept, so the first k steps are exactly those of the full run
+    (a pilot); ``evaluate`` is then called at k instead of the last step. ``eval_steps``: more
+    steps after which ``evaluate`` is called. Leaves the model in eval mode.
     """
     config.validate()
     if not forget:
@@ -147,6 +153,10 @@ def train(model: torch.nn.Module, objective: Objective, forget: Sequence[Encoded
     device = next(model.parameters()).device
     total = config.total_steps(len(forget))
     warmup = config.warmup_steps(total)
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"stop_after must be at least 1 step, got {stop_after}")
+    last = total if stop_after is None else min(total, stop_after)
+    extra = set(eval_steps)
     use_bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
 
     params = list(parameters) if parameters is not None else list(model.parameters())
@@ -179,7 +189,7 @@ def train(model: torch.nn.Module, objective: Objective, forget: Sequence[Encoded
     try:
         run_eval(0)
         model.train()
-        for step in range(total):
+        for step in range(last):
             logs_sum: dict[str, float] = {}
             loss_sum = 0.0
             for _ in range(config.grad_accum):
@@ -209,10 +219,12 @@ def train(model: torch.nn.Module, objective: Objective, forget: Sequence[Encoded
             log.steps.append(row)
             if progress is not None:
                 progress(task, step + 1, total, f"loss {loss_sum:.3f}")
-            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total:
+            due = (config.eval_every and (step + 1) % config.eval_every == 0) or step + 1 in extra
+            if due and step + 1 < last:
                 run_eval(step + 1)
                 model.train()
-        run_eval(total)
+        log.stopped_at = last
+        run_eval(last)
     finally:
         model.eval()
         for p, flag in frozen_state.items():

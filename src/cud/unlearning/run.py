@@ -87,6 +87,60 @@ def steps_to_forget(trajectory: pd.DataFrame, threshold: float = DEFAULT_FORGET_
     return first.reindex(ids).rename("steps_to_forget")
 
 
+def method_and_config(method: str | UnlearningMethod, hyperparameter_table: str = DEFAULT_TABLE,
+                      hyperparameters: dict | None = None,
+                      train_config: TrainConfig | None = None,
+                      forget: Sequence[QASample] = (), retain: Sequence[QASample] | None = None
+                      ) -> tuple[UnlearningMethod, TrainConfig]:
+    """The built method and a copy of its training settings, as :func:`unlearn` resolves them
+    (table, then ``hyperparameters`` and ``train_config``); refuses an empty forget set and a
+    method that needs a retain set without one."""
+    if not forget:
+        raise ConfigError("the forget set is empty")
+    if isinstance(method, UnlearningMethod):
+        unlearning = method
+        _, default_train = table_of(unlearning.name, hyperparameter_table) \
+            if unlearning.name else ({}, None)
+    else:
+        hyper, default_train = table_of(method.lower(), hyperparameter_table)
+        hyper.update(hyperparameters or {})
+        unlearning = make_method(method, **hyper)
+    config = replace(train_config or default_train or TrainConfig())
+    if unlearning.uses_retain and not retain and getattr(unlearning, "alpha", 0):
+        raise ConfigError(f"method '{unlearning.name}' uses a retain set; give one (or alpha=0)")
+    return unlearning, config
+
+
+def start_unlearning(lm: LoadedModel, unlearning: UnlearningMethod, in_place: bool = False
+                     ) -> tuple[torch.nn.Module, LoadedModel, torch.nn.Module | None]:
+    """(the network that will move, it wrapped as a model, the frozen reference or None): a copy
+    of ``lm``'s network (``lm`` itself with ``in_place``), the method set up on it."""
+    net = lm.model if in_place else copy.deepcopy(lm.model)
+    reference = None
+    if unlearning.needs_reference:
+        reference = copy.deepcopy(lm.model)  # frozen original, copied before any step
+        reference.eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
+    unlearning.setup(net, reference)
+    work = prepare(net, lm.tokenizer, name=f"{lm.name}+{unlearning.name}")
+    return net, work, reference
+
+
+def train_method(lm: LoadedModel, net: torch.nn.Module, unlearning: UnlearningMethod,
+                 forget: Sequence[QASample], retain: Sequence[QASample] | None,
+                 config: TrainConfig, **train_options) -> TrainLog:
+    """The shared loop (:func:`cud.unlearning.loop.train`) with ``unlearning``'s loss and
+    parameters on ``net``; ``train_options`` go to it (``evaluate``, ``progress``,
+    ``stop_after``, ``eval_steps``)."""
+    enc_f = encode_samples(lm.tokenizer, forget, max_length=lm.adapter.max_positions)
+    enc_r = encode_samples(lm.tokenizer, retain, max_length=lm.adapter.max_positions) \
+        if retain and unlearning.uses_retain else None
+    train_options.setdefault("task", unlearning.name)
+    return train(net, unlearning.loss, enc_f, enc_r, config, pad_token_id=lm.pad_token_id,
+                 parameters=unlearning.trainable_parameters(net), **train_options)
+
+
 def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASample] | None = None,
             *, method: str | UnlearningMethod = "graddiff",
             hyperparameter_table: str = DEFAULT_TABLE,
@@ -110,21 +164,10 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
     ``retain_before`` (with ``evaluate_retain``) its nll/prob/exact_mem on ``retain``.
     ``trajectory_sink`` receives each evaluation's rows as they are made (to write as you go).
     """
-    if not forget:
-        raise ConfigError("the forget set is empty")
-    if isinstance(method, UnlearningMethod):
-        unlearning = method
-        _, default_train = table_of(unlearning.name, hyperparameter_table) \
-            if unlearning.name else ({}, None)
-    else:
-        hyper, default_train = table_of(method.lower(), hyperparameter_table)
-        hyper.update(hyperparameters or {})
-        unlearning = make_method(method, **hyper)
-    config = replace(train_config or default_train or TrainConfig())
+    unlearning, config = method_and_config(method, hyperparameter_table, hyperparameters,
+                                           train_config, forget, retain)
     if eval_every is not None:
         config.eval_every = eval_every
-    if unlearning.uses_retain and not retain and getattr(unlearning, "alpha", 0):
-        raise ConfigError(f"method '{unlearning.name}' uses a retain set; give one (or alpha=0)")
 
     if before is None:
         before = evaluate_outcomes(lm, forget, metrics=metrics, batch_size=batch_size,
@@ -134,15 +177,7 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
     elif retain_before is None:
         retain_before = retain_outcomes(lm, retain, batch_size)
 
-    net = lm.model if in_place else copy.deepcopy(lm.model)
-    reference = None
-    if unlearning.needs_reference:
-        reference = copy.deepcopy(lm.model)  # frozen original, copied before any step
-        reference.eval()
-        for p in reference.parameters():
-            p.requires_grad_(False)
-    unlearning.setup(net, reference)
-    work = prepare(net, lm.tokenizer, name=f"{lm.name}+{unlearning.name}")
+    net, work, reference = start_unlearning(lm, unlearning, in_place)
 
     rows: list[pd.DataFrame] = []
 
@@ -154,13 +189,8 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
         if trajectory_sink is not None:
             trajectory_sink(frame)
 
-    pad = lm.pad_token_id
-    enc_f = encode_samples(lm.tokenizer, forget, max_length=lm.adapter.max_positions)
-    enc_r = encode_samples(lm.tokenizer, retain, max_length=lm.adapter.max_positions) \
-        if retain and unlearning.uses_retain else None
-    log = train(net, unlearning.loss, enc_f, enc_r, config, pad_token_id=pad,
-                parameters=unlearning.trainable_parameters(net), evaluate=evaluate,
-                progress=progress, task=unlearning.name)
+    log = train_method(lm, net, unlearning, forget, retain, config, evaluate=evaluate,
+                       progress=progress)
     del reference
     unlearning.reference = None
 
