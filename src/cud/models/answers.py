@@ -124,9 +124,7 @@ def teacher_forced_outcomes(lm: LoadedModel, samples: Sequence[QASample], *, bat
                             ) -> pd.DataFrame:
     """nll, prob, exact_mem, extraction_strength and n_answer_tokens per sample (index ``id``).
 
-    Extraction strength uses that greedy decoding from a prefix reproduces the rest of the answer
-    exactly when every later answer token is the teacher-forced argmax: k is one past the last
-    answer token that is not the argmax (0 when all are), so one forward pass suffices.
+    One forward pass per batch suffices (see :func:`answer_metrics`).
     """
     model = lm.model
     encoded = encode_samples(lm.tokenizer, samples, max_length=lm.adapter.max_positions)
@@ -139,19 +137,29 @@ def teacher_forced_outcomes(lm: LoadedModel, samples: Sequence[QASample], *, bat
         correct = out.correct()
         exact = out.per_sample_mean(correct.float())
         for i, sid in enumerate(batch.ids):
-            c = correct[out.rows == i].cpu().numpy()
-            wrong = np.flatnonzero(~c)
-            k = int(wrong[-1]) + 1 if len(wrong) else 0
-            rows[sid] = {"nll": float(nll[i]), "prob": math.exp(-float(nll[i])),
-                         "exact_mem": float(exact[i]),
-                         "extraction_strength": 1.0 - k / len(c),
-                         "n_answer_tokens": len(c)}
+            rows[sid] = answer_metrics(float(nll[i]), correct[out.rows == i].cpu().numpy(),
+                                       exact=float(exact[i]))
         done += len(batch)
         report(done, len(encoded))
-    return _frame(rows, [s.id for s in samples])
+    return frame(rows, [s.id for s in samples])
 
 
-def _frame(rows: dict[str, dict], order: Iterable[str]) -> pd.DataFrame:
+def answer_metrics(nll: float, correct: np.ndarray, *, exact: float | None = None) -> dict:
+    """The teacher-forced metrics of one answer from its mean NLL and, per answer token, whether
+    the argmax is the true token: nll, prob, exact_mem, extraction_strength, n_answer_tokens.
+
+    Extraction strength uses that greedy decoding from a prefix reproduces the rest of the answer
+    exactly when every later answer token is the teacher-forced argmax: k is one past the last
+    answer token that is not the argmax (0 when all are)."""
+    wrong = np.flatnonzero(~correct)
+    k = int(wrong[-1]) + 1 if len(wrong) else 0
+    return {"nll": nll, "prob": math.exp(-nll),
+            "exact_mem": float(correct.mean()) if exact is None else exact,
+            "extraction_strength": 1.0 - k / len(correct), "n_answer_tokens": len(correct)}
+
+
+def frame(rows: dict[str, dict], order: Iterable[str]) -> pd.DataFrame:
+    """Per-sample rows (id -> metrics) as a table indexed by ``id``, in ``order``."""
     df = pd.DataFrame.from_dict(rows, orient="index").loc[list(order)]
     df.index.name = "id"
     return df

@@ -3,12 +3,14 @@
 Every metric is returned per sample, keyed by sample id, and has a named direction in
 :data:`METRICS` (which way means "more forgotten"). Tables are pandas DataFrames indexed by ``id``
 and are written as Parquet and CSV, with a ``.metrics.json`` naming each column's direction, by
-:func:`save_outcomes`. (The teacher-forced metrics themselves are model-level helpers,
-:func:`cud.models.answers.teacher_forced_outcomes`.)
+:func:`save_outcomes`. (The metric definitions are model-level helpers,
+:func:`cud.models.answers.answer_metrics`.)
 
-Teacher-forced metrics (NLL, probability, exact memorisation, extraction strength) come from one
-forward pass per batch. ROUGE-L needs greedy generation; the truth ratio one forward pass per
-(paraphrased or perturbed) answer.
+Teacher-forced metrics (NLL, probability, exact memorisation, extraction strength) and the truth
+ratio's paraphrased and perturbed answers come from one pass in which each question's prompt runs
+once for all its answers (:mod:`cud.models.variants`). ROUGE-L needs greedy answers: batched,
+key-value cached decoding, each row stopping at its own end or budget
+(:mod:`cud.models.decoding`).
 
 Text samples (:mod:`cud.data.text`) are encoded as prefix (prompt) and continuation (answer), so
 every metric reads the continuation: its NLL, probability, exact memorisation, extraction
@@ -34,8 +36,11 @@ from cud.data.prepare import has_perturbations
 from cud.data.samples import QASample
 from cud.data.text import continuation_text, is_text
 from cud.errors import ConfigError
-from cud.models.answers import teacher_forced_outcomes
+from cud.models.answers import answer_metrics, frame
+from cud.models.decoding import eos_token_ids, greedy_decode
 from cud.models.loading import LoadedModel
+from cud.models.precision import evaluation_precision
+from cud.models.variants import answer_token_scores
 from cud.progress import Progress, within
 from cud.tables import save_table
 
@@ -80,37 +85,25 @@ ALL_METRICS = tuple(METRICS)
 def greedy_answers(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: int = 16,
                    max_new_tokens: int | None = None, budget: float = 2.0,
                    progress: Progress | None = None) -> dict[str, str]:
-    """Greedy answer text per sample id (prompt left-padded; stops at the end-of-sequence token).
+    """Greedy answer text per sample id (:func:`cud.models.decoding.greedy_decode`: batched,
+    key-value cached, each row stopping at the end-of-sequence token or its own budget).
 
-    ``max_new_tokens`` defaults to ``budget`` times the longest true answer in the batch plus 8
-    tokens (ROUGE-L recall reads the reference's tokens, so a budget a little above 1 loses
-    little of it on long answers).
+    A sample's budget is ``max_new_tokens`` or else ``budget`` times its true answer's tokens plus
+    8 (ROUGE-L recall reads the reference's tokens, so a budget a little above 1 loses little of
+    it on long answers); it depends on the sample alone, never on its batch mates.
     """
     model, tok = lm.model, lm.tokenizer
     encoded = encode_samples(tok, samples, max_length=lm.adapter.max_positions)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    pad = lm.pad_token_id
-    eos = [t for t in {getattr(tok, "eos_token_id", None),
-                       getattr(getattr(model, "generation_config", None), "eos_token_id", None)}
-           if t is not None]
-    eos_ids = sorted({x for t in eos for x in (t if isinstance(t, list) else [t])})
+    eos = eos_token_ids(model, tok)
     answers: dict[str, str] = {}
     for start in range(0, len(order), batch_size):
         chunk = [encoded[i] for i in order[start:start + batch_size]]
         prompts = [e.input_ids[:e.answer_mask.index(True)] for e in chunk]
-        n_answer = max(sum(e.answer_mask) for e in chunk)
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: generation continues at the right edge
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        new = max_new_tokens or math.ceil(budget * n_answer) + 8
-        out = model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                             max_new_tokens=new, do_sample=False, num_beams=1,
-                             pad_token_id=pad, eos_token_id=eos_ids or None,
-                             temperature=None, top_p=None, top_k=None)
-        for e, row in zip(chunk, out[:, width:].tolist()):
+        budgets = [max_new_tokens or math.ceil(budget * sum(e.answer_mask)) + 8 for e in chunk]
+        tokens = greedy_decode(model, prompts, budgets, pad_id=lm.pad_token_id, eos_ids=eos,
+                               device=lm.device)
+        for e, row in zip(chunk, tokens):
             answers[e.id] = tok.decode(row, skip_special_tokens=True).strip()
         within(progress, "greedy answers")(min(start + batch_size, len(order)), len(order))
     return {s.id: answers[s.id] for s in samples}
@@ -130,7 +123,6 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
 
 # --- truth ratio and forget quality -------------------------------------------------------------
 
-@torch.no_grad()
 def truth_ratios(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: int = 16,
                  progress: Progress | None = None) -> pd.Series:
     """TOFU's truth ratio per sample: exp(NLL_paraphrased - mean_k NLL_perturbed_k), i.e. the
@@ -140,33 +132,59 @@ def truth_ratios(lm: LoadedModel, samples: Sequence[QASample], *, batch_size: in
     Reads ``extra["perturbed_answer"]`` (a string or list) and ``extra["paraphrased_answer"]``
     (default: the answer). NaN for samples without perturbed answers.
     """
+    return _scored(lm, samples, truth=True, answers=False, batch_size=batch_size,
+                   progress=progress, task="truth ratio")["truth_ratio"]
+
+
+def _variants(sample: QASample) -> list[QASample]:
+    """The paraphrased answer (default: the answer) then each perturbed answer, as samples."""
+    pert = sample.extra["perturbed_answer"]
+    pert = [pert] if isinstance(pert, str) else list(pert)
+    para = sample.extra.get("paraphrased_answer") or sample.answer
+    return [QASample(id=f"{sample.id}\x00{j}", question=sample.question, answer=answer,
+                     source=sample.source) for j, answer in enumerate([para] + pert)]
+
+
+@torch.no_grad()
+def _scored(lm: LoadedModel, samples: Sequence[QASample], *, truth: bool, answers: bool,
+            batch_size: int, progress: Progress | None, task: str) -> pd.DataFrame:
+    """The teacher-forced metrics of each sample's answer (``answers``) and its truth ratio
+    (``truth``) from one prompt-shared pass (:mod:`cud.models.variants`): every answer a
+    question is scored against shares one run of its prompt."""
+    owners: list[tuple[str, str]] = []   # (sample id, "answer" | "para" | "pert")
     variants: list[QASample] = []
-    owners: list[tuple[str, str]] = []  # (sample id, "para" | "pert")
     for s in samples:
-        if not has_perturbations(s):
-            continue
-        pert = s.extra["perturbed_answer"]
-        pert = [pert] if isinstance(pert, str) else list(pert)
-        para = s.extra.get("paraphrased_answer") or s.answer
-        for j, answer in enumerate([para] + pert):
-            variants.append(QASample(id=f"{s.id}\x00{j}", question=s.question, answer=answer,
-                                     source=s.source))
-            owners.append((s.id, "para" if j == 0 else "pert"))
-    result = pd.Series(np.nan, index=pd.Index([s.id for s in samples], name="id"),
-                       name="truth_ratio")
+        if answers:
+            variants.append(s)
+            owners.append((s.id, "answer"))
+        if truth and has_perturbations(s):
+            extra = _variants(s)
+            variants.extend(extra)
+            owners.extend((s.id, "para" if j == 0 else "pert") for j in range(len(extra)))
+    ids = [s.id for s in samples]
+    result = pd.DataFrame(index=pd.Index(ids, name="id"))
     if not variants:
+        result["truth_ratio"] = np.nan
         return result
-    nll = teacher_forced_outcomes(lm, variants, batch_size=batch_size, progress=progress,
-                                  task="truth ratio")["nll"]
-    para_nll: dict[str, float] = {}
-    pert_nll: dict[str, list[float]] = {}
-    for (sid, kind), value in zip(owners, nll.to_numpy()):
-        if kind == "para":
-            para_nll[sid] = float(value)
+    encoded = encode_samples(lm.tokenizer, variants, max_length=lm.adapter.max_positions)
+    scores = answer_token_scores(lm.model, encoded, pad_token_id=lm.pad_token_id,
+                                 device=lm.device, batch_size=batch_size, progress=progress,
+                                 task=task)
+    rows: dict[str, dict] = {}
+    para: dict[str, float] = {}
+    pert: dict[str, list[float]] = {}
+    for (sid, kind), sc in zip(owners, scores):
+        if kind == "answer":
+            rows[sid] = answer_metrics(sc.nll, sc.correct)
+        elif kind == "para":
+            para[sid] = sc.nll
         else:
-            pert_nll.setdefault(sid, []).append(float(value))
-    for sid, p in para_nll.items():
-        result[sid] = math.exp(p - float(np.mean(pert_nll[sid])))
+            pert.setdefault(sid, []).append(sc.nll)
+    if answers:
+        result = frame(rows, ids)
+    if truth:
+        result["truth_ratio"] = [math.exp(para[i] - float(np.mean(pert[i]))) if i in para
+                                 else np.nan for i in ids]
     return result
 
 
@@ -189,13 +207,14 @@ def forget_quality(truth_ratio_unlearned: Sequence[float], truth_ratio_reference
 def evaluate_outcomes(lm: LoadedModel, samples: Sequence[QASample], *,
                       metrics: Sequence[str] = ALL_METRICS, batch_size: int = 16,
                       max_new_tokens: int | None = None, generation_budget: float = 2.0,
-                      progress: Progress | None = None) -> pd.DataFrame:
+                      bf16: bool = False, progress: Progress | None = None) -> pd.DataFrame:
     """Per-sample outcome table of ``lm`` on ``samples``: one row per sample id (index ``id``),
     one column per metric in ``metrics`` (see :data:`METRICS` for directions), plus
     ``n_answer_tokens`` and, with ROUGE-L, the ``greedy_answer`` text.
 
     ``truth_ratio`` is NaN for samples without perturbed answers (see
-    :func:`add_perturbed_answers`).
+    :func:`add_perturbed_answers`). ``bf16``: matrix products in bfloat16, each weight cast once
+    for the whole evaluation (:func:`cud.models.precision.evaluation_precision`).
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -205,18 +224,20 @@ def evaluate_outcomes(lm: LoadedModel, samples: Sequence[QASample], *,
     was_training = model.training
     model.eval()
     try:
-        df = teacher_forced_outcomes(lm, samples, batch_size=batch_size, progress=progress)
-        df = df[[m for m in TEACHER_FORCED if m in metrics] + ["n_answer_tokens"]]
-        if "rougeL_recall" in metrics:
-            greedy = greedy_answers(lm, samples, batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens, budget=generation_budget,
-                                    progress=progress)
-            df["rougeL_recall"] = [rouge_l_recall(greedy[s.id], _reference(lm, s))
-                                   for s in samples]
-            df["greedy_answer"] = [greedy[s.id] for s in samples]
-        if "truth_ratio" in metrics:
-            df["truth_ratio"] = truth_ratios(lm, samples, batch_size=batch_size,
-                                             progress=progress)
+        with evaluation_precision(lm.device, bf16):
+            truth = "truth_ratio" in metrics
+            task = "answers and truth ratio" if truth else "answers"
+            df = _scored(lm, samples, truth=truth, answers=True, batch_size=batch_size,
+                         progress=progress, task=task)
+            df = df[[m for m in TEACHER_FORCED if m in metrics] + ["n_answer_tokens"]
+                    + (["truth_ratio"] if truth else [])]
+            if "rougeL_recall" in metrics:
+                greedy = greedy_answers(lm, samples, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens, budget=generation_budget,
+                                        progress=progress)
+                df["rougeL_recall"] = [rouge_l_recall(greedy[s.id], _reference(lm, s))
+                                       for s in samples]
+                df["greedy_answer"] = [greedy[s.id] for s in samples]
     finally:
         model.train(was_training)
     return df
@@ -256,7 +277,7 @@ def forgetting_scores(deltas: pd.DataFrame) -> pd.DataFrame:
 
 
 def model_utility(lm: LoadedModel, sets: dict[str, Sequence[QASample]], *, batch_size: int = 16,
-                  generation_budget: float = 2.0) -> dict[str, float]:
+                  generation_budget: float = 2.0, bf16: bool = False) -> dict[str, float]:
     """TOFU-style model utility: for each named set (e.g. ``retain``, ``general``) the mean answer
     probability, ROUGE-L recall and, where perturbed answers exist, max(0, 1 - truth ratio); the
     utility is the harmonic mean of all of them. Higher = more useful (an aggregate)."""
@@ -265,7 +286,8 @@ def model_utility(lm: LoadedModel, sets: dict[str, Sequence[QASample]], *, batch
         if not samples:
             continue
         df = evaluate_outcomes(lm, samples, metrics=("prob", "rougeL_recall", "truth_ratio"),
-                               batch_size=batch_size, generation_budget=generation_budget)
+                               batch_size=batch_size, generation_budget=generation_budget,
+                               bf16=bf16)
         parts[f"{name}_prob"] = float(df["prob"].mean())
         parts[f"{name}_rougeL_recall"] = float(df["rougeL_recall"].mean())
         tr = df["truth_ratio"].dropna()
