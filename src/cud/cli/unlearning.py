@@ -51,6 +51,10 @@ def unlearn(
                                                                    "only)."),
     eval_every: Optional[int] = typer.Option(None, help="Record every forget sample's NLL "
                                                         "every k steps (trajectory)."),
+    eval_bf16: Optional[bool] = typer.Option(None, "--eval-bf16/--eval-fp32",
+                                             help="Outcome evaluations in bfloat16 products, "
+                                                  "each weight cast once per evaluation "
+                                                  f"{default(D, 'eval_bf16')}."),
     threshold: Optional[float] = typer.Option(None, help="A sample is forgotten once its "
                                                          "normalised answer probability is "
                                                          f"below this {default(D, 'threshold')}."),
@@ -103,7 +107,7 @@ def unlearn(
                              hyperparameters=hyperparameters, params=parse_params(param) or None,
                              lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                              grad_accum=grad_accum, bf16=bf16, eval_every=eval_every,
-                             threshold=threshold, utility=utility, seed=seed,
+                             eval_bf16=eval_bf16, threshold=threshold, utility=utility, seed=seed,
                              save_model=save_model)
     folder = out_folder(out)
     sets = forget_and_retain(data, forget=forget, split=split, limit=limit,

@@ -25,3 +25,21 @@ def matmul_precision(device: torch.device | str, bf16: bool | None) -> Iterator[
     kind = torch.device(device).type
     with torch.autocast(kind, dtype=torch.bfloat16, cache_enabled=False):
         yield
+
+
+@contextlib.contextmanager
+def evaluation_precision(device: torch.device | str, bf16: bool | None) -> Iterator[None]:
+    """bf16 autocast for a block that leaves the weights alone (an evaluation): each weight is
+    cast to bf16 once for the whole block (autocast's weight cache on) instead of once per matrix
+    product, which is most of a one-token decoding step's cost. The cache is dropped when the
+    block ends, also inside an outer :func:`matmul_precision` block (which would otherwise keep
+    it, stale, for the training that follows)."""
+    if not bf16:
+        yield
+        return
+    kind = torch.device(device).type
+    try:
+        with torch.autocast(kind, dtype=torch.bfloat16, cache_enabled=True):
+            yield
+    finally:
+        torch.clear_autocast_cache()

@@ -67,7 +67,9 @@ class UnlearningSettings:
     ``utility``: also measure model utility (retain set and general knowledge) after each
     method, on the first ``utility_samples`` retain samples (all when None).
     ``eval_batch_size``: samples per evaluation pass; ``generation_budget``: greedy answers
-    stop after that many times the true answer's tokens, plus 8. ``save_model``: keep each
+    stop after that many times the true answer's tokens, plus 8; ``eval_bf16``: the outcome
+    evaluations (before, after, retain, utility) in bfloat16 products, each weight cast once per
+    evaluation (``bf16`` already puts them in bf16, without that cache). ``save_model``: keep each
     unlearned model in the folder (does not change the results).
 
     ``calibrate``: methods whose learning rate is chosen first (:mod:`cud.unlearning.calibration`):
@@ -92,6 +94,7 @@ class UnlearningSettings:
     utility_samples: int | None = None
     eval_batch_size: int = 16
     generation_budget: float = 2.0
+    eval_bf16: bool = False
     seed: int = 0
     save_model: bool = False
     calibrate: tuple[str, ...] = ()
@@ -143,6 +146,7 @@ class UnlearningSettings:
                 "utility": self.utility, "utility_samples": self.utility_samples,
                 "eval_batch_size": self.eval_batch_size,
                 "generation_budget": self.generation_budget,
+                **({"eval_bf16": True} if self.eval_bf16 else {}),
                 **({"calibration": {"grid": list(self.calibration_grid),
                                     "budget": self.retain_budget,
                                     "held": self.calibration_held}}
@@ -180,12 +184,13 @@ class UnlearningRun:
     agreement: pd.DataFrame | None
 
 
-def _open(root: Path, lm: LoadedModel, forget, retain) -> None:
-    """Create the folder's manifest or check that it describes this model and these sets."""
+def _open(root: Path, lm: LoadedModel, forget, retain, eval_bf16: bool = False) -> None:
+    """Create the folder's manifest or check that it describes this model, these sets and the
+    precision of the shared evaluation before unlearning."""
     manifest = {"kind": "cud-unlearning", "format_version": FORMAT_VERSION, "model": lm.name,
                 "model_fingerprint": model_fingerprint(lm), "forget": samples_hash(forget),
                 "n_forget": len(forget), "retain": samples_hash(retain),
-                "n_retain": len(retain)}
+                "n_retain": len(retain), **({"eval_bf16": True} if eval_bf16 else {})}
     path = root / MANIFEST
     if path.exists():
         try:
@@ -194,10 +199,12 @@ def _open(root: Path, lm: LoadedModel, forget, retain) -> None:
             raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
         if old.get("kind") != "cud-unlearning" or old.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: not a cud unlearning folder of format {FORMAT_VERSION}")
-        differ = [k for k in ("model_fingerprint", "forget", "retain") if old.get(k) != manifest[k]]
+        differ = [k for k in ("model_fingerprint", "forget", "retain", "eval_bf16")
+                  if old.get(k, False) != manifest.get(k, False)]
         if differ:
             what = {"model_fingerprint": "another model", "forget": "another forget set",
-                    "retain": "another retain set"}
+                    "retain": "another retain set",
+                    "eval_bf16": "evaluations in another precision (eval_bf16)"}
             raise StoreError(f"{root}: holds unlearning results of "
                              f"{', '.join(what[k] for k in differ)}; use another --out folder "
                              f"so old and new results do not mix")
@@ -220,7 +227,7 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
     if root.exists() and not root.is_dir():
         raise StoreError(f"{root}: output path exists and is not a folder")
     forget, retain = list(forget), list(retain)
-    _open(root, lm, forget, retain)
+    _open(root, lm, forget, retain, settings.eval_bf16)
     before_path = root / "before.parquet"
     if before_path.exists():
         before = _read(before_path)
@@ -229,7 +236,7 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
         with matmul_precision(lm.device, settings.bf16):
             before = evaluate_outcomes(lm, forget, batch_size=settings.eval_batch_size,
                                        generation_budget=settings.generation_budget,
-                                       progress=progress)
+                                       bf16=settings.eval_bf16, progress=progress)
         save_outcomes(before, root / "before")
         record_price(root, "evaluation_before", time.perf_counter() - began, len(forget),
                      what="outcomes of the forget set before unlearning (shared by the methods)")
@@ -242,7 +249,8 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
                 shared["retain"] = _read(path)
             else:
                 with matmul_precision(lm.device, settings.bf16):
-                    shared["retain"] = retain_outcomes(lm, retain, settings.eval_batch_size)
+                    shared["retain"] = retain_outcomes(lm, retain, settings.eval_batch_size,
+                                                       bf16=settings.eval_bf16)
                 save_outcomes(shared["retain"], root / "retain_before")
         return shared["retain"]
 
@@ -303,7 +311,8 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
                              [s.id for s in trained_retain]) if trained_retain else None,
                          trajectory_sink=sink,
                          batch_size=settings.eval_batch_size,
-                         generation_budget=settings.generation_budget, progress=progress)
+                         generation_budget=settings.generation_budget,
+                         eval_bf16=settings.eval_bf16, progress=progress)
         if held:
             rise = held_rise(result.model, float(retain_before()["nll"].reindex(
                 [s.id for s in held]).mean()), held, settings.eval_batch_size)
@@ -325,7 +334,8 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
         with matmul_precision(lm.device, settings.bf16):
             stored["utility"] = model_utility(result.model, sets,
                                               batch_size=settings.eval_batch_size,
-                                              generation_budget=settings.generation_budget)
+                                              generation_budget=settings.generation_budget,
+                                              bf16=settings.eval_bf16)
     stored["seconds"] = round(time.perf_counter() - began, 2)
     record_price(folder.parent, name, stored["seconds"], len(forget),
                  what="training, outcomes after unlearning, retain NLL and utility")

@@ -71,10 +71,11 @@ def forget_set_nll(lm: LoadedModel, samples: Sequence[QASample], batch_size: int
 RETAIN_METRICS = ("nll", "prob", "exact_mem")
 
 
-def retain_outcomes(lm: LoadedModel, retain: Sequence[QASample], batch_size: int = 16
-                    ) -> pd.DataFrame:
+def retain_outcomes(lm: LoadedModel, retain: Sequence[QASample], batch_size: int = 16,
+                    bf16: bool = False) -> pd.DataFrame:
     """The teacher-forced :data:`RETAIN_METRICS` of ``lm`` on the retain set."""
-    return evaluate_outcomes(lm, retain, metrics=RETAIN_METRICS, batch_size=batch_size)
+    return evaluate_outcomes(lm, retain, metrics=RETAIN_METRICS, batch_size=batch_size,
+                             bf16=bf16)
 
 
 def steps_to_forget(trajectory: pd.DataFrame, threshold: float = DEFAULT_FORGET_THRESHOLD
@@ -147,7 +148,7 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
             hyperparameters: dict | None = None, train_config: TrainConfig | None = None,
             eval_every: int | None = None, metrics: Sequence[str] = ALL_METRICS,
             forget_threshold: float = DEFAULT_FORGET_THRESHOLD, batch_size: int = 16,
-            generation_budget: float = 2.0,
+            generation_budget: float = 2.0, eval_bf16: bool = False,
             in_place: bool = False, before: pd.DataFrame | None = None,
             evaluate_retain: bool = False, retain_before: pd.DataFrame | None = None,
             progress: Progress | None = None,
@@ -163,6 +164,8 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
     unless ``in_place``. ``before`` may pass already computed outcomes of ``lm`` on ``forget``,
     ``retain_before`` (with ``evaluate_retain``) its nll/prob/exact_mem on ``retain``.
     ``trajectory_sink`` receives each evaluation's rows as they are made (to write as you go).
+    ``eval_bf16``: the evaluations before and after in bf16 products
+    (:func:`cud.unlearning.outcomes.evaluate_outcomes`).
     """
     unlearning, config = method_and_config(method, hyperparameter_table, hyperparameters,
                                            train_config, forget, retain)
@@ -171,11 +174,11 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
 
     if before is None:
         before = evaluate_outcomes(lm, forget, metrics=metrics, batch_size=batch_size,
-                                   generation_budget=generation_budget)
+                                   generation_budget=generation_budget, bf16=eval_bf16)
     if not (evaluate_retain and retain):
         retain_before = None
     elif retain_before is None:
-        retain_before = retain_outcomes(lm, retain, batch_size)
+        retain_before = retain_outcomes(lm, retain, batch_size, bf16=eval_bf16)
 
     net, work, reference = start_unlearning(lm, unlearning, in_place)
 
@@ -195,8 +198,8 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
     unlearning.reference = None
 
     after = evaluate_outcomes(work, forget, metrics=metrics, batch_size=batch_size,
-                              generation_budget=generation_budget)
-    retain_after = retain_outcomes(work, retain, batch_size) \
+                              generation_budget=generation_budget, bf16=eval_bf16)
+    retain_after = retain_outcomes(work, retain, batch_size, bf16=eval_bf16) \
         if evaluate_retain and retain else None
     trajectory = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
         columns=["step", "id", "nll", "prob"])
