@@ -44,13 +44,16 @@ class Batch:
     attention_mask: torch.Tensor  # bool, True on real tokens
     answer_mask: torch.Tensor     # bool, True on answer tokens
     question_mask: torch.Tensor   # bool, True on question tokens
+    #: (B,) float per-sample loss weights (the ``reweight`` strategy), None: every sample alike
+    weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.ids, *(t.to(device) for t in (
-            self.input_ids, self.attention_mask, self.answer_mask, self.question_mask)))
+            self.input_ids, self.attention_mask, self.answer_mask, self.question_mask)),
+            weights=None if self.weights is None else self.weights.to(device))
 
     @property
     def target_mask(self) -> torch.Tensor:

@@ -19,7 +19,7 @@ from cud.data.encoding import batches, encode_samples
 from cud.data.samples import QASample
 from cud.errors import ConfigError
 from cud.models.loading import LoadedModel, prepare
-from cud.unlearning.loop import TrainConfig, TrainLog, train
+from cud.unlearning.loop import TrainConfig, TrainLog, TrainPlan, train
 from cud.unlearning.methods import UnlearningMethod, make_method
 from cud.unlearning.outcomes import ALL_METRICS, evaluate_outcomes, outcome_deltas
 from cud.unlearning.hyperparameters import DEFAULT_TABLE
@@ -152,7 +152,8 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
             in_place: bool = False, before: pd.DataFrame | None = None,
             evaluate_retain: bool = False, retain_before: pd.DataFrame | None = None,
             progress: Progress | None = None,
-            trajectory_sink: Callable[[pd.DataFrame], None] | None = None) -> UnlearningResult:
+            trajectory_sink: Callable[[pd.DataFrame], None] | None = None,
+            plan: TrainPlan | None = None) -> UnlearningResult:
     """Unlearn ``forget`` from ``lm`` and return the unlearned model and per-sample outcomes.
 
     ``method``: a registry name (ga, graddiff, npo, simnpo, rmu, undial) or a built method.
@@ -165,7 +166,8 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
     ``retain_before`` (with ``evaluate_retain``) its nll/prob/exact_mem on ``retain``.
     ``trajectory_sink`` receives each evaluation's rows as they are made (to write as you go).
     ``eval_bf16``: the evaluations before and after in bf16 products
-    (:func:`cud.unlearning.outcomes.evaluate_outcomes`).
+    (:func:`cud.unlearning.outcomes.evaluate_outcomes`). ``plan``: a strategy's changes to the
+    loop (:mod:`cud.unlearning.strategies`; None: plain).
     """
     unlearning, config = method_and_config(method, hyperparameter_table, hyperparameters,
                                            train_config, forget, retain)
@@ -193,7 +195,7 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
             trajectory_sink(frame)
 
     log = train_method(lm, net, unlearning, forget, retain, config, evaluate=evaluate,
-                       progress=progress)
+                       progress=progress, plan=plan)
     del reference
     unlearning.reference = None
 

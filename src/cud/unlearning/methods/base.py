@@ -21,6 +21,16 @@ from cud.data.encoding import Batch
 from cud.models.answers import answer_nll
 
 
+def sample_mean(values: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean of per-sample ``values`` (B,); with ``weights`` (B,) the weighted mean
+    (1/B)·Σ w_i·values_i, so each sample's gradient is scaled by exactly w_i (the ``reweight``
+    strategy's weights have mean 1 over the forget set). Without weights: ``values.mean()``,
+    the same operation as before weights existed."""
+    if weights is None:
+        return values.mean()
+    return (weights.to(values.dtype) * values).mean()
+
+
 @dataclass
 class UnlearningMethod:
     """Base class. Subclasses are dataclasses whose fields are the method's hyperparameters."""

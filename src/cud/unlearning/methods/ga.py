@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cud.unlearning.methods.base import UnlearningMethod
+from cud.unlearning.methods.base import UnlearningMethod, sample_mean
 from cud.models.answers import answer_nll
 
 
-def ga_loss(nll_forget):
-    """GA: -NLL_f. ``nll_forget`` (B,) per-sample mean answer NLL."""
-    return -nll_forget.mean()
+def ga_loss(nll_forget, weights=None):
+    """GA: -NLL_f. ``nll_forget`` (B,) per-sample mean answer NLL; ``weights`` (B,) or None
+    (:func:`sample_mean`)."""
+    return -sample_mean(nll_forget, weights)
 
 
 @dataclass
@@ -21,7 +22,7 @@ class GA(UnlearningMethod):
 
     def loss(self, model, forget, retain):
         nll_f = answer_nll(model, forget)
-        return ga_loss(nll_f), {"nll_forget": float(nll_f.mean().detach())}
+        return ga_loss(nll_f, forget.weights), {"nll_forget": float(nll_f.mean().detach())}
 
 
 @dataclass
@@ -35,4 +36,5 @@ class GradDiff(UnlearningMethod):
     def loss(self, model, forget, retain):
         nll_f = answer_nll(model, forget)
         retain_loss, logs = self.retain_term(model, retain, self.alpha)
-        return ga_loss(nll_f) + retain_loss, {"nll_forget": float(nll_f.mean().detach()), **logs}
+        return ga_loss(nll_f, forget.weights) + retain_loss, {
+            "nll_forget": float(nll_f.mean().detach()), **logs}

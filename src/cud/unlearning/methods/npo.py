@@ -9,25 +9,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cud.unlearning.methods.base import UnlearningMethod
+from cud.unlearning.methods.base import UnlearningMethod, sample_mean
 from cud.models.answers import answer_logits
 
 
-def npo_loss(logp_forget: Tensor, logp_reference: Tensor, beta: float) -> Tensor:
+def npo_loss(logp_forget: Tensor, logp_reference: Tensor, beta: float,
+             weights: Tensor | None = None) -> Tensor:
     """(2/β)·E_f[log(1 + (π_θ(y|x)/π_ref(y|x))^β)].
 
     ``logp_*`` (B,) are log π(y|x), sums over answer tokens. log(1 + e^{βΔ}) = softplus(βΔ).
+    ``weights`` (B,): the weighted mean over samples (:func:`sample_mean`).
     """
-    return (2.0 / beta) * F.softplus(beta * (logp_forget - logp_reference)).mean()
+    return (2.0 / beta) * sample_mean(F.softplus(beta * (logp_forget - logp_reference)), weights)
 
 
-def simnpo_loss(nll_forget: Tensor, beta: float, gamma: float) -> Tensor:
+def simnpo_loss(nll_forget: Tensor, beta: float, gamma: float,
+                weights: Tensor | None = None) -> Tensor:
     """-(2/β)·E_f[log σ(-(β/|y|)·log π_θ(y|x) - γ)].
 
     ``nll_forget`` (B,) is the mean answer NLL per token, i.e. -(1/|y|)·log π_θ(y|x), so the
     argument of σ is β·NLL - γ. (γ is not multiplied by β, as in the SimNPO paper's formula.)
+    ``weights`` (B,): the weighted mean over samples (:func:`sample_mean`).
     """
-    return -(2.0 / beta) * F.logsigmoid(beta * nll_forget - gamma).mean()
+    return -(2.0 / beta) * sample_mean(F.logsigmoid(beta * nll_forget - gamma), weights)
 
 
 @dataclass
@@ -58,7 +62,7 @@ class NPO(UnlearningMethod):
     def loss(self, model, forget, retain):
         logits = answer_logits(model, forget)
         logp = logits.sequence_logprob()
-        forget_loss = npo_loss(logp, self.reference_logp(forget), self.beta)
+        forget_loss = npo_loss(logp, self.reference_logp(forget), self.beta, forget.weights)
         retain_loss, logs = self.retain_term(model, retain, self.alpha)
         return forget_loss + retain_loss, {"npo": float(forget_loss.detach()),
                                            "nll_forget": float(logits.nll().mean().detach()),
@@ -77,7 +81,7 @@ class SimNPO(UnlearningMethod):
 
     def loss(self, model, forget, retain):
         nll_f = answer_logits(model, forget).nll()
-        forget_loss = simnpo_loss(nll_f, self.beta, self.gamma)
+        forget_loss = simnpo_loss(nll_f, self.beta, self.gamma, forget.weights)
         retain_loss, logs = self.retain_term(model, retain, self.alpha)
         return forget_loss + retain_loss, {"simnpo": float(forget_loss.detach()),
                                            "nll_forget": float(nll_f.mean().detach()), **logs}

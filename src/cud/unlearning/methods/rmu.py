@@ -21,10 +21,15 @@ _MLP_NAME = re.compile(r"(?:^|\.)(\d+)\.mlp$")
 
 
 def rmu_loss(h_forget: Tensor, h_retain: Tensor | None, h_retain_frozen: Tensor | None,
-             control: Tensor, alpha: float) -> Tensor:
+             control: Tensor, alpha: float, weights: Tensor | None = None) -> Tensor:
     """MSE(h_f, c·u) + α·MSE(h_r, h_r^frozen). ``h_*`` (N, d) hidden states at the chosen
-    positions; ``control`` (d,) is c·u."""
-    loss = F.mse_loss(h_forget, control.expand_as(h_forget))
+    positions; ``control`` (d,) is c·u. ``weights`` (N,): each forget position weighted by its
+    sample's weight (the ``reweight`` strategy), the mean then of w·squared error."""
+    if weights is None:
+        loss = F.mse_loss(h_forget, control.expand_as(h_forget))
+    else:
+        squared = (h_forget - control.expand_as(h_forget)) ** 2
+        loss = (weights.to(squared.dtype)[:, None] * squared).mean()
     if h_retain is not None and alpha:
         loss = loss + alpha * F.mse_loss(h_retain, h_retain_frozen)
     return loss
@@ -131,7 +136,11 @@ class RMU(UnlearningMethod):
             h_r = self._hidden(model, retain)
             with torch.no_grad():
                 h_r0 = self._hidden(self.reference, retain)
-        loss = rmu_loss(h_f, h_r, h_r0, self._control, self.alpha)
+        weights = None
+        if forget.weights is not None:  # each steered position weighted by its sample's weight
+            rows = self._positions(forget).nonzero()[:, 0]
+            weights = forget.weights[rows]
+        loss = rmu_loss(h_f, h_r, h_r0, self._control, self.alpha, weights)
         logs = {"steer_mse": float(F.mse_loss(h_f, self._control.expand_as(h_f)).detach()),
                 "coefficient": float(self.resolved_coefficient)}
         if h_r is not None:
