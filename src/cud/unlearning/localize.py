@@ -55,11 +55,11 @@ def top_components(scores: dict[str, float], k: int) -> list[str]:
     return sorted(order, key=lambda c: (-scores[c], order.index(c)))[:k]
 
 
-def parameter_masks(model: torch.nn.Module, adapter, components: Sequence[str]
-                    ) -> dict[str, torch.Tensor]:
-    """Parameter name -> bool mask (its shape) of the entries of ``components``; parameters
-    with no such entry are left out."""
-    named = dict(model.named_parameters())
+def parameter_masks(adapter, components: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Parameter name -> bool mask (its shape) of the entries of ``components`` in the
+    adapter's model (the same names in any copy of it); parameters with no such entry are left
+    out."""
+    named = dict(adapter.model.named_parameters())
     names, params = list(named), list(named.values())
     masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in named.items()}
     flags = [p.requires_grad for p in params]
@@ -97,7 +97,7 @@ def parameter_masks(model: torch.nn.Module, adapter, components: Sequence[str]
     return {n: m for n, m in masks.items() if bool(m.any())}
 
 
-def localize_masks(model: torch.nn.Module, adapter, graph: Graph, edge_scores: torch.Tensor,
+def localize_masks(adapter, graph: Graph, edge_scores: torch.Tensor,
                    circuits: torch.Tensor | None, k: int) -> tuple[list[str], dict]:
     """(the top-k components, their parameter masks) for a forget set's circuits; refuses
     circuits of a graph other than the model's."""
@@ -106,4 +106,4 @@ def localize_masks(model: torch.nn.Module, adapter, graph: Graph, edge_scores: t
                           f"{graph.n_heads} heads, the model {adapter.n_layers} x "
                           f"{adapter.n_heads}: circuits of another model")
     chosen = top_components(component_scores(graph, edge_scores, circuits), k)
-    return chosen, parameter_masks(model, adapter, chosen)
+    return chosen, parameter_masks(adapter, chosen)

@@ -10,7 +10,8 @@ never imports the stage that computed them.
 
       w_i = clip(exp(z_i) / mean_j exp(z_j), w_min, w_max)
 
-  so weights have mean 1 before clipping, the hardest samples weigh most; defaults
+  normalised and clipped again until the mean is 1 and every weight in [w_min, w_max] (both
+  hold since w_min <= 1 <= w_max); the hardest samples weigh most; defaults
   ``reweight_min`` 0.25, ``reweight_max`` 4 (:class:`cud.unlearning.folder.UnlearningSettings`).
 - ``curriculum`` (RUM's refinement, Zhao et al. 2024): the forget set sorted by difficulty and
   cut into tertiles, unlearned one after another within the same total step budget (steps in
@@ -63,8 +64,11 @@ def reweight(difficulty: Mapping[str, float], w_min: float, w_max: float) -> dic
     d = np.array([float(difficulty[i]) for i in ids])
     sd = d.std()
     z = (d - d.mean()) / sd if sd > 0 else np.zeros_like(d)
-    raw = np.exp(z)
-    w = np.clip(raw / raw.mean(), w_min, w_max)
+    w = np.exp(z)
+    for _ in range(100):  # normalise and clip alternately until both hold
+        w = np.clip(w / w.mean(), w_min, w_max)
+        if abs(w.mean() - 1.0) < 1e-12:
+            break
     return dict(zip(ids, w.tolist()))
 
 

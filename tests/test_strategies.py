@@ -1,0 +1,214 @@
+"""Strategies wrap the methods in the training loop: reweight scales each sample's gradient by
+exactly its weight, curriculum visits the difficulty tertiles in order within the same steps,
+focus stops training on forgotten samples, localize moves only the chosen components' entries,
+plain is the loop as before; folders refuse mixing strategies; the CLI's errors are one line."""
+
+import copy
+
+import pytest
+import torch
+
+from cud.circuits.graph import Graph
+from cud.data import encode_samples, load_qa
+from cud.data.encoding import collate
+from cud.errors import ConfigError
+from cud.models.answers import answer_nll
+from cud.models.tiny import tiny_model
+from cud.unlearning import TrainConfig, make_method
+from cud.unlearning.localize import component_scores, parameter_masks, top_components
+from cud.unlearning.loop import TrainPlan, answer_probabilities, stage_bounds, train
+from cud.unlearning.strategies import plan, reweight, tertiles
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return load_qa("builtin:9")
+
+
+def _grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _spy(record):
+    """An objective recording each forget micro-batch's ids (GA's loss)."""
+    def objective(model, forget, retain):
+        record.append(list(forget.ids))
+        return -answer_nll(model, forget).mean(), {}
+    return objective
+
+
+# reweight -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["ga", "npo", "simnpo", "undial"])
+def test_reweight_scales_each_sample_gradient_exactly(lm, samples, method):
+    """The weighted loss's gradient on a batch equals (1/B) sum_i w_i g_i, g_i the plain
+    loss's gradient on sample i alone (hand-weighted)."""
+    model = copy.deepcopy(lm.model)
+    reference = copy.deepcopy(lm.model) if method in ("npo", "undial") else None
+    m = make_method(method, **({"alpha": 0.0} if method != "ga" else {}))
+    m.setup(model, reference)
+    enc = encode_samples(lm.tokenizer, samples[:4])
+    weights = torch.tensor([0.5, 2.0, 1.0, 3.5])
+    batch = collate(enc, lm.pad_token_id)
+    batch.weights = weights
+    model.zero_grad()
+    m.loss(model, batch, None)[0].backward()
+    weighted = _grads(model)
+    expected = [torch.zeros_like(g) for g in weighted]
+    for i, e in enumerate(enc):
+        model.zero_grad()
+        m.loss(model, collate([e], lm.pad_token_id), None)[0].backward()
+        for acc, g in zip(expected, _grads(model)):
+            acc += weights[i] * g / len(enc)
+    for got, want in zip(weighted, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_reweight_in_the_loop_weights_each_sample(lm, samples):
+    """Through the loop: weight B on one sample and 0 on the others gives the step of training
+    on that sample alone."""
+    enc = encode_samples(lm.tokenizer, samples[:4])
+    config = TrainConfig(lr=1e-2, max_steps=1, batch_size=4, warmup=0, max_grad_norm=None)
+    weighted = copy.deepcopy(lm.model)
+    w = {e.id: 0.0 for e in enc} | {enc[2].id: 4.0}
+    train(weighted, make_method("ga").loss, enc, None, config, pad_token_id=lm.pad_token_id,
+          plan=TrainPlan(weights=w))
+    alone = copy.deepcopy(lm.model)
+    train(alone, make_method("ga").loss, [enc[2]], None, config, pad_token_id=lm.pad_token_id)
+    for a, b in zip(weighted.parameters(), alone.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(weighted.parameters(),
+                                                     lm.model.parameters()))
+
+
+def test_reweight_formula():
+    w = reweight({"a": 0.0, "b": 1.0, "c": 2.0, "d": 3.0}, 0.25, 4.0)
+    assert w["a"] < w["b"] < w["c"] < w["d"]
+    assert sum(w.values()) / 4 == pytest.approx(1.0)
+    assert reweight({"a": 5.0, "b": 5.0}, 0.25, 4.0) == {"a": 1.0, "b": 1.0}
+    clipped = reweight({str(i): float(i == 0) * 100 for i in range(50)}, 0.25, 4.0)
+    assert max(clipped.values()) == 4.0 and min(clipped.values()) >= 0.25
+
+
+# curriculum ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("order", ["easy-to-hard", "hard-to-easy"])
+def test_curriculum_visits_tertiles_in_order_with_the_same_steps(lm, samples, order):
+    enc = encode_samples(lm.tokenizer, samples)
+    difficulty = {e.id: float(k) for k, e in enumerate(enc)}   # ids in difficulty order
+    groups = tertiles(difficulty, order)
+    easy, hard = [e.id for e in enc[:3]], [e.id for e in enc[6:]]
+    assert groups[0] == (easy if order == "easy-to-hard" else hard)
+    config = TrainConfig(lr=1e-3, max_steps=9, batch_size=2, warmup=0)
+    record, plain_record = [], []
+    log = train(copy.deepcopy(lm.model), _spy(record), enc, None, config,
+                pad_token_id=lm.pad_token_id, plan=TrainPlan(stages=groups))
+    plain = train(copy.deepcopy(lm.model), _spy(plain_record), enc, None, config,
+                  pad_token_id=lm.pad_token_id)
+    assert len(record) == len(plain_record) == log.stopped_at == plain.stopped_at == 9
+    stage_of = {i: g for g, group in enumerate(groups) for i in group}
+    visited = [max(stage_of[i] for i in ids) for ids in record]
+    assert visited == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(len({stage_of[i] for i in ids}) == 1 for ids in record)
+    assert [row["stage"] for row in log.steps] == visited
+    assert stage_bounds(10, [3, 3, 3]) == [3, 7, 10]
+
+
+# focus --------------------------------------------------------------------------------------
+def test_focus_stops_training_on_forgotten_samples(lm, samples):
+    enc = encode_samples(lm.tokenizer, samples[:6])
+    probs = answer_probabilities(lm.model, enc, lm.pad_token_id)
+    ranked = sorted(probs, key=probs.get)
+    threshold = (probs[ranked[2]] + probs[ranked[3]]) / 2   # the three least likely: forgotten
+    forgotten = set(ranked[:3])
+    record = []
+    config = TrainConfig(lr=1e-12, max_steps=6, batch_size=3, warmup=0)   # barely moves
+    log = train(copy.deepcopy(lm.model), _spy(record), enc, None, config,
+                pad_token_id=lm.pad_token_id,
+                plan=TrainPlan(focus_every=2, focus_threshold=threshold))
+    assert len(record) == 6
+    assert not forgotten & {i for ids in record for i in ids}
+    assert {i for ids in record for i in ids} == set(ranked[3:])
+    assert [row["focus_active"] for row in log.steps] == [3] * 6
+
+
+def test_focus_stops_when_everything_is_forgotten(lm, samples):
+    enc = encode_samples(lm.tokenizer, samples[:4])
+    record = []
+    log = train(copy.deepcopy(lm.model), _spy(record), enc, None,
+                TrainConfig(lr=1e-3, max_steps=5, batch_size=2, warmup=0),
+                pad_token_id=lm.pad_token_id, plan=TrainPlan(focus_every=1, focus_threshold=2.0))
+    assert record == [] and log.stopped_at == 0
+
+
+# localize -----------------------------------------------------------------------------------
+def test_component_scores_sum_edges_a_component_touches():
+    graph = Graph(n_layers=2, n_heads=2)
+    scores = torch.zeros(2, graph.n_edges)
+    lookup = graph.edge_lookup
+    scores[0, lookup["a0.h1->m1"]] = -3.0          # a0.h1 writes, m1 reads
+    scores[1, lookup["input->a1.h0<q>"]] = 2.0      # a1.h0 reads
+    scores[1, lookup["m0->logits"]] = 0.5
+    circuits = scores != 0
+    got = component_scores(graph, scores, circuits)
+    assert got["a0.h1"] == 3.0 and got["m1"] == 3.0 and got["a1.h0"] == 2.0
+    assert got["m0"] == 0.5 and got["a0.h0"] == 0.0
+    assert top_components(got, 2) == ["a0.h1", "m1"]
+    outside = component_scores(graph, scores, torch.zeros_like(circuits))
+    assert max(outside.values()) == 0.0
+
+
+def test_localize_freezes_everything_but_the_chosen_components(lm, samples):
+    model = copy.deepcopy(lm.model)
+    masks = parameter_masks(lm.adapter, ["a0.h1", "m1"])
+    e = lm.adapter.head_dim
+    attn = "model.layers.0.self_attn."
+    q = masks[attn + "q_proj.weight"]
+    assert q[e:2 * e].all() and q.sum() == e * q.shape[1]
+    o = masks[attn + "o_proj.weight"]
+    assert o[:, e:2 * e].all() and o.sum() == e * o.shape[0]
+    assert masks[attn + "k_proj.weight"][:e].all()          # kv head 0 serves query heads 0, 1
+    assert all(masks[n].all() for n in masks if n.startswith("model.layers.1.mlp."))
+    assert not any(n.startswith("model.layers.1.self_attn") for n in masks)
+    before = copy.deepcopy(model.state_dict())
+    enc = encode_samples(lm.tokenizer, samples[:4])
+    train(model, make_method("ga").loss, enc, None,
+          TrainConfig(lr=1e-2, max_steps=3, batch_size=2, warmup=0, weight_decay=0.5),
+          pad_token_id=lm.pad_token_id, plan=TrainPlan(masks=masks))
+    for name, p in model.named_parameters():
+        mask = masks.get(name, torch.zeros_like(p, dtype=torch.bool))
+        assert torch.equal(p[~mask], before[name][~mask]), name
+        if mask.any():
+            assert not torch.equal(p[mask], before[name][mask]), name
+
+
+# plain --------------------------------------------------------------------------------------
+def test_plain_is_the_loop_without_a_plan(lm, samples):
+    enc = encode_samples(lm.tokenizer, samples[:6])
+    config = TrainConfig(lr=1e-2, max_steps=4, batch_size=2, warmup=1)
+    a, b = copy.deepcopy(lm.model), copy.deepcopy(lm.model)
+    train(a, make_method("ga").loss, enc, None, config, pad_token_id=lm.pad_token_id)
+    assert plan("plain", threshold=0.1, reweight_min=0.25, reweight_max=4.0,
+                order="easy-to-hard", focus_every=5) is None
+    train(b, make_method("ga").loss, enc, None, config, pad_token_id=lm.pad_token_id,
+          plan=TrainPlan())
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+
+
+def test_plans_refuse_bad_input(lm, samples):
+    enc = encode_samples(lm.tokenizer, samples[:3])
+    config = TrainConfig(lr=1e-3, max_steps=1, batch_size=2, warmup=0)
+    with pytest.raises(ConfigError, match="miss 1 forget"):
+        train(copy.deepcopy(lm.model), make_method("ga").loss, enc, None, config,
+              pad_token_id=lm.pad_token_id,
+              plan=TrainPlan(weights={e.id: 1.0 for e in enc[:2]}))
+    with pytest.raises(ConfigError, match="one stage"):
+        train(copy.deepcopy(lm.model), make_method("ga").loss, enc, None, config,
+              pad_token_id=lm.pad_token_id, plan=TrainPlan(stages=[[enc[0].id]]))
+    with pytest.raises(ConfigError, match="unknown strategy"):
+        plan("bogus", threshold=0.1, reweight_min=0.25, reweight_max=4.0,
+             order="easy-to-hard", focus_every=5)
