@@ -212,3 +212,95 @@ def test_plans_refuse_bad_input(lm, samples):
     with pytest.raises(ConfigError, match="unknown strategy"):
         plan("bogus", threshold=0.1, reweight_min=0.25, reweight_max=4.0,
              order="easy-to-hard", focus_every=5)
+
+
+# the folder and the command ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-strategies")
+    lm = tiny_model("llama", seed=0)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _unlearn(folder, out, *extra):
+    from typer.testing import CliRunner
+
+    from cud.cli import app
+    args = ["unlearn", "--model", folder, "--data", "builtin:8", "--method", "ga",
+            "--max-steps", 3, "--batch-size", 2, "--no-utility", "--out", out, *extra]
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_folder_records_the_strategy_and_refuses_mixing(tiny_folder, tmp_path):
+    import json
+
+    import pandas as pd
+    out = tmp_path / "u"
+    first = _unlearn(tiny_folder, out, "--strategy", "reweight", "--difficulty", "loss")
+    assert first.exit_code == 0, first.output
+    manifest = json.loads((out / "unlearning.json").read_text())
+    assert manifest["strategy"]["name"] == "reweight"
+    assert manifest["strategy"]["difficulty"] == "loss"
+    table = pd.read_csv(out / "strategy.csv")
+    assert table["weight"].mean() == pytest.approx(1.0)
+    before = pd.read_parquet(out / "before.parquet")
+    before = before.set_index("id") if "id" in before.columns else before
+    hardest = table.set_index("id")["weight"].idxmax()
+    assert hardest == before["nll"].idxmin()   # difficulty loss: the best-known answer
+    settings = json.loads((out / "ga" / "settings.json").read_text())
+    assert settings["request"]["strategy"]["name"] == "reweight"
+    stamp = (out / "ga" / "settings.json").stat().st_mtime_ns
+    again = _unlearn(tiny_folder, out, "--strategy", "reweight", "--difficulty", "loss")
+    assert again.exit_code == 0, again.output    # resumed: the method is read back, not rerun
+    assert (out / "ga" / "settings.json").stat().st_mtime_ns == stamp
+    for other in (("--strategy", "curriculum", "--difficulty", "loss"), ()):
+        mixed = _unlearn(tiny_folder, out, *other)
+        assert mixed.exit_code != 0
+        assert "strategies do not mix" in mixed.output and "Traceback" not in mixed.output
+    plain = tmp_path / "plain"
+    assert _unlearn(tiny_folder, plain).exit_code == 0
+    assert "strategy" not in json.loads((plain / "unlearning.json").read_text())
+    refused = _unlearn(tiny_folder, plain, "--strategy", "focus")
+    assert refused.exit_code != 0 and "strategy plain" in refused.output
+
+
+def test_plain_request_is_unchanged():
+    """A plain run's request has no strategy key: folders written before strategies resume."""
+    from cud.unlearning.folder import UnlearningSettings
+    assert "strategy" not in UnlearningSettings().request("graddiff")
+    assert "strategy" in UnlearningSettings(strategy="focus").request("graddiff")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--strategy", "bogus"), "unknown strategy 'bogus'"),
+    (("--strategy", "reweight"), "needs unlearning.difficulty"),
+    (("--strategy", "plain", "--difficulty", "loss"), "read only by the strategies"),
+    (("--strategy", "curriculum", "--difficulty", "nope.csv:cud"), "no such file"),
+    (("--strategy", "curriculum", "--difficulty", "loss", "--curriculum-order", "up"),
+     "curriculum_order"),
+    (("--strategy", "localize"), "needs unlearning.circuits"),
+])
+def test_cli_errors_are_one_line(tiny_folder, tmp_path, extra, message):
+    result = _unlearn(tiny_folder, tmp_path / "x", *extra)
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_difficulty_table_missing_forget_samples_is_refused(tiny_folder, tmp_path):
+    import pandas as pd
+
+    from cud.data import load_qa
+    ids = [s.id for s in load_qa("builtin:8")]
+    path = tmp_path / "scores.csv"
+    pd.DataFrame({"id": ids[:2], "cud": [0.1, 0.9]}).to_csv(path, index=False)
+    result = _unlearn(tiny_folder, tmp_path / "y", "--strategy", "curriculum", "--difficulty",
+                      f"{path}:cud")
+    assert result.exit_code != 0
+    assert "forget samples have no value" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    bad_column = _unlearn(tiny_folder, tmp_path / "y", "--strategy", "curriculum",
+                          "--difficulty", f"{path}:nope")
+    assert "no column 'nope'" in bad_column.output

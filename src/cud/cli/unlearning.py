@@ -83,6 +83,25 @@ def unlearn(
                                                                 "rise on (calibrated methods) "
                                                                 f"{default(D, 'calibration_held')}"
                                                                 "."),
+    strategy: Optional[str] = typer.Option(None, help="How each method's loop spends its "
+                                                      "steps: plain, reweight, curriculum, "
+                                                      "focus, localize "
+                                                      f"{default(D, 'strategy')}."),
+    difficulty: Optional[str] = typer.Option(None, help="Difficulty per forget sample (higher "
+                                                        "= harder) for reweight / curriculum: "
+                                                        "TABLE:COLUMN of a .csv/.parquet with "
+                                                        "an id column, or 'loss' (minus the "
+                                                        "answer NLL before unlearning)."),
+    circuits: Optional[str] = typer.Option(None, help="The forget set's circuits folder "
+                                                      "(localize)."),
+    curriculum_order: Optional[str] = typer.Option(None, help="easy-to-hard or hard-to-easy "
+                                                              f"{default(D, 'curriculum_order')}"
+                                                              "."),
+    focus_every: Optional[int] = typer.Option(None, help="focus: steps between re-reads of "
+                                                         "the forget probabilities "
+                                                         f"{default(D, 'focus_every')}."),
+    localize_k: Optional[int] = typer.Option(None, help="localize: components that move "
+                                                        f"{default(D, 'localize_k')}."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: GPU if any)."),
     out: str = typer.Option("cud-out/unlearning", help="Output folder (created, or resumed)."),
 ):
@@ -108,7 +127,9 @@ def unlearn(
                              lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                              grad_accum=grad_accum, bf16=bf16, eval_every=eval_every,
                              eval_bf16=eval_bf16, threshold=threshold, utility=utility, seed=seed,
-                             save_model=save_model)
+                             save_model=save_model, strategy=strategy, difficulty=difficulty,
+                             circuits=circuits, curriculum_order=curriculum_order,
+                             focus_every=focus_every, localize_k=localize_k)
     folder = out_folder(out)
     sets = forget_and_retain(data, forget=forget, split=split, limit=limit,
                              forget_fraction=forget_fraction, retain_authors=retain_authors,

@@ -11,6 +11,8 @@ forget set, written to a folder, one sub-folder per method (the layout
     <method>/settings.json         the method's settings, training time, retain NLL change, utility,
                                    the rate used and ``collapsed`` (retain NLL rise over the budget)
     <method>/calibration.json      with ``calibrate``: each rate tried and its held retain NLL rise
+    strategy.csv                   with a strategy: each forget sample's difficulty and its
+                                   weight (reweight) or stage (curriculum)
     agreement_nll_delta.csv        Spearman agreement of the methods' NLL increases
     prices.json                    seconds per forget sample of the evaluation before unlearning
                                    and of each method (training, evaluation after, utility)
@@ -20,6 +22,9 @@ of the forget and retain sets, and each method's ``settings.json`` the request i
 already run with the same request is read back, not run again, and a folder of another model,
 other data or other settings of a method is refused with the settings that differ (never
 mixed). The evaluations before unlearning (forget and retain set) are shared by every method.
+A folder holds one strategy (:mod:`cud.unlearning.strategies`; ``plain`` leaves no trace, so
+folders written before strategies existed read as plain): the manifest records its name, its
+difficulty source and a hash of the difficulties, and another strategy or difficulty is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from cud.unlearning.run import (
     spread,
     unlearn,
 )
+from cud.unlearning.strategies import (COMPUTED, NEEDS_DIFFICULTY, ORDERS, check_strategy,
+                                       difficulty_hash, plan, read_difficulty)
 
 MANIFEST = "unlearning.json"
 FORMAT_VERSION = 1
@@ -76,7 +83,17 @@ class UnlearningSettings:
     the largest of ``calibration_grid`` x the method's rate whose mean retain NLL rise on a held
     ``calibration_held`` share of the retain set (never trained on, by any run of that method)
     stays within ``retain_budget`` nats. ``retain_budget`` also flags any method whose retain NLL
-    rise exceeds it as ``collapsed`` (on the held part when calibrated, else on the retain set)."""
+    rise exceeds it as ``collapsed`` (on the held part when calibrated, else on the retain set).
+
+    ``strategy`` (:mod:`cud.unlearning.strategies`): how every method's loop spends its steps:
+    ``plain`` (the methods as they are), ``reweight``, ``curriculum``, ``focus`` or
+    ``localize``. ``difficulty``: where reweight and curriculum read each forget sample's
+    difficulty (higher = harder): ``TABLE:COLUMN`` of a .csv/.parquet table with an ``id``
+    column, or ``loss`` (minus the answer NLL before unlearning). ``reweight_min`` /
+    ``reweight_max``: the weights' clip; ``curriculum_order``: ``easy-to-hard`` or
+    ``hard-to-easy``; ``focus_every``: steps between focus's re-reads of the probabilities
+    (forgotten below ``threshold``); ``localize_k``: how many components of the circuits in
+    the folder ``circuits`` localize lets move. A folder holds one strategy (and difficulty)."""
 
     methods: tuple[str, ...] = ("graddiff", "npo")
     hyperparameters: str = DEFAULT_TABLE
@@ -101,6 +118,14 @@ class UnlearningSettings:
     retain_budget: float = DEFAULT_BUDGET
     calibration_grid: tuple[float, ...] = DEFAULT_GRID
     calibration_held: float = DEFAULT_HELD
+    strategy: str = "plain"
+    difficulty: str | None = None
+    circuits: str | None = None
+    reweight_min: float = 0.25
+    reweight_max: float = 4.0
+    curriculum_order: str = "easy-to-hard"
+    focus_every: int = 5
+    localize_k: int = 8
 
     def __post_init__(self):
         if not self.methods:
@@ -124,6 +149,39 @@ class UnlearningSettings:
             raise ConfigError(f"calibrate lists {', '.join(stray)}, not among the methods run "
                               f"({', '.join(self.methods)})")
         check_calibration(self.calibration_grid, self.retain_budget, self.calibration_held)
+        self._check_strategy()
+
+    def _check_strategy(self) -> None:
+        check_strategy(self.strategy)
+        reads = self.strategy in NEEDS_DIFFICULTY
+        if reads and not self.difficulty:
+            raise ConfigError(f"unlearning.strategy '{self.strategy}' needs unlearning.difficulty "
+                              f"(TABLE:COLUMN or {', '.join(COMPUTED)})")
+        if self.difficulty and not reads:
+            raise ConfigError(f"unlearning.difficulty is read only by the strategies "
+                              f"{', '.join(NEEDS_DIFFICULTY)}, not '{self.strategy}'")
+        if self.strategy == "localize" and not self.circuits:
+            raise ConfigError("unlearning.strategy 'localize' needs unlearning.circuits (the "
+                              "forget set's circuits folder)")
+        if not 0 < self.reweight_min <= 1 <= self.reweight_max:
+            raise ConfigError(f"unlearning.reweight_min/max must satisfy 0 < min <= 1 <= max, "
+                              f"got {self.reweight_min}, {self.reweight_max}")
+        if self.curriculum_order not in ORDERS:
+            raise ConfigError(f"unlearning.curriculum_order: '{self.curriculum_order}' (choose "
+                              f"from {', '.join(ORDERS)})")
+        if self.focus_every < 1 or self.localize_k < 1:
+            raise ConfigError("unlearning.focus_every and unlearning.localize_k must be at "
+                              "least 1")
+
+    def strategy_request(self) -> dict | None:
+        """The strategy's settings that decide outcomes (None for plain)."""
+        if self.strategy == "plain":
+            return None
+        own = {"reweight": {"reweight_min": self.reweight_min, "reweight_max": self.reweight_max},
+               "curriculum": {"order": self.curriculum_order},
+               "focus": {"focus_every": self.focus_every},
+               "localize": {"localize_k": self.localize_k, "circuits": self.circuits}}
+        return {"name": self.strategy, "difficulty": self.difficulty, **own[self.strategy]}
 
     def method_hyperparameters(self, method: str) -> dict:
         hyper, _ = hyperparameters(method, self.hyperparameters)
@@ -147,6 +205,7 @@ class UnlearningSettings:
                 "eval_batch_size": self.eval_batch_size,
                 "generation_budget": self.generation_budget,
                 **({"eval_bf16": True} if self.eval_bf16 else {}),
+                **({"strategy": self.strategy_request()} if self.strategy != "plain" else {}),
                 **({"calibration": {"grid": list(self.calibration_grid),
                                     "budget": self.retain_budget,
                                     "held": self.calibration_held}}
@@ -184,13 +243,15 @@ class UnlearningRun:
     agreement: pd.DataFrame | None
 
 
-def _open(root: Path, lm: LoadedModel, forget, retain, eval_bf16: bool = False) -> None:
-    """Create the folder's manifest or check that it describes this model, these sets and the
-    precision of the shared evaluation before unlearning."""
+def _open(root: Path, lm: LoadedModel, forget, retain, eval_bf16: bool = False,
+          strategy: dict | None = None) -> None:
+    """Create the folder's manifest or check that it describes this model, these sets, the
+    precision of the shared evaluation before unlearning and the strategy (None: plain)."""
     manifest = {"kind": "cud-unlearning", "format_version": FORMAT_VERSION, "model": lm.name,
                 "model_fingerprint": model_fingerprint(lm), "forget": samples_hash(forget),
                 "n_forget": len(forget), "retain": samples_hash(retain),
-                "n_retain": len(retain), **({"eval_bf16": True} if eval_bf16 else {})}
+                "n_retain": len(retain), **({"eval_bf16": True} if eval_bf16 else {}),
+                **({"strategy": strategy} if strategy is not None else {})}
     path = root / MANIFEST
     if path.exists():
         try:
@@ -199,6 +260,16 @@ def _open(root: Path, lm: LoadedModel, forget, retain, eval_bf16: bool = False) 
             raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
         if old.get("kind") != "cud-unlearning" or old.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: not a cud unlearning folder of format {FORMAT_VERSION}")
+        if old.get("strategy") != manifest.get("strategy"):
+            def say(record):
+                if record is None:
+                    return "plain"
+                return record["name"] + (f" (difficulty {record['difficulty']})"
+                                         if record.get("difficulty") else "")
+            raise StoreError(f"{root}: holds unlearning results of strategy "
+                             f"{say(old.get('strategy'))}, this run asks for "
+                             f"{say(manifest.get('strategy'))} (or its data differ); use another "
+                             f"--out folder so strategies do not mix")
         differ = [k for k in ("model_fingerprint", "forget", "retain", "eval_bf16")
                   if old.get(k, False) != manifest.get(k, False)]
         if differ:
@@ -227,7 +298,8 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
     if root.exists() and not root.is_dir():
         raise StoreError(f"{root}: output path exists and is not a folder")
     forget, retain = list(forget), list(retain)
-    _open(root, lm, forget, retain, settings.eval_bf16)
+    record, difficulty, masks = _strategy_data(lm, forget, settings)
+    _open(root, lm, forget, retain, settings.eval_bf16, record)
     before_path = root / "before.parquet"
     if before_path.exists():
         before = _read(before_path)
@@ -240,6 +312,14 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
         save_outcomes(before, root / "before")
         record_price(root, "evaluation_before", time.perf_counter() - began, len(forget),
                      what="outcomes of the forget set before unlearning (shared by the methods)")
+    if settings.difficulty in COMPUTED:
+        difficulty = read_difficulty(settings.difficulty, [s.id for s in forget], before)
+    train_plan = plan(settings.strategy, masks=masks, threshold=settings.threshold,
+                      difficulty=None if difficulty is None else difficulty.to_dict(),
+                      reweight_min=settings.reweight_min, reweight_max=settings.reweight_max,
+                      order=settings.curriculum_order, focus_every=settings.focus_every)
+    if train_plan is not None:
+        _write_strategy_table(root, forget, difficulty, train_plan)
     shared: dict[str, pd.DataFrame] = {}
 
     def retain_before() -> pd.DataFrame:  # only when a method runs, then once
@@ -257,7 +337,7 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
     rows, deltas = [], {}
     for name in settings.methods:
         table, after, stored, reused = _method(lm, forget, retain, root / name, name, settings,
-                                               before, retain_before, progress)
+                                               before, retain_before, progress, train_plan)
         deltas[name] = table["nll_delta"]
         rows.append(_summary(name, table, after, stored, settings.threshold, reused))
     deltas = pd.DataFrame(deltas)
@@ -268,8 +348,44 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
     return UnlearningRun(root, pd.DataFrame(rows), deltas, agreement)
 
 
+def _strategy_data(lm: LoadedModel, forget, settings: UnlearningSettings):
+    """(the manifest's strategy record or None, a difficulty read from a table or None, the
+    localize masks or None). A difficulty the run computes (``loss``) is read later, from the
+    evaluation before unlearning."""
+    request = settings.strategy_request()
+    if request is None:
+        return None, None, None
+    record, difficulty, masks = dict(request), None, None
+    ids = [s.id for s in forget]
+    if settings.difficulty and settings.difficulty not in COMPUTED:
+        difficulty = read_difficulty(settings.difficulty, ids)
+        record["difficulty_hash"] = difficulty_hash(difficulty)
+    if settings.strategy == "localize":
+        from cud.circuits.store import load_circuits
+        from cud.unlearning.localize import localize_masks
+        circuits = load_circuits(settings.circuits, ids)
+        chosen, masks = localize_masks(lm.adapter, circuits.graph, circuits.edge_scores,
+                                       circuits.circuits, settings.localize_k)
+        record["components"] = chosen
+    return record, difficulty, masks
+
+
+def _write_strategy_table(root: Path, forget, difficulty, train_plan) -> None:
+    """``strategy.csv``: per forget sample, its difficulty and what the strategy made of it
+    (weight or stage)."""
+    table = pd.DataFrame({"id": [s.id for s in forget]}).set_index("id")
+    if difficulty is not None:
+        table["difficulty"] = difficulty.reindex(table.index)
+    if train_plan.weights is not None:
+        table["weight"] = pd.Series(train_plan.weights).reindex(table.index)
+    if train_plan.stages is not None:
+        table["stage"] = pd.Series({i: g for g, group in enumerate(train_plan.stages)
+                                    for i in group}).reindex(table.index)
+    table.to_csv(root / "strategy.csv")
+
+
 def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSettings,
-            before: pd.DataFrame, retain_before, progress):
+            before: pd.DataFrame, retain_before, progress, train_plan=None):
     """One method's outcomes: read back when this request already ran, else run."""
     request = settings.request(name)
     settings_path = folder / "settings.json"
@@ -312,7 +428,7 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
                          trajectory_sink=sink,
                          batch_size=settings.eval_batch_size,
                          generation_budget=settings.generation_budget,
-                         eval_bf16=settings.eval_bf16, progress=progress)
+                         eval_bf16=settings.eval_bf16, progress=progress, plan=train_plan)
         if held:
             rise = held_rise(result.model, float(retain_before()["nll"].reindex(
                 [s.id for s in held]).mean()), held, settings.eval_batch_size)
@@ -321,6 +437,8 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
     save_outcomes(result.after, folder / "after")
     stored = dict(result.settings, train_seconds=round(result.log.seconds, 2), model=lm.name,
                   request=request, lr=config.lr)
+    if train_plan is not None:
+        stored["strategy_steps"] = result.log.stopped_at
     if result.retain_after is not None:
         stored["retain_nll_delta_mean"] = float(
             (result.retain_after["nll"] - result.retain_before["nll"]).mean())
