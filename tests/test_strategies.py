@@ -304,3 +304,41 @@ def test_difficulty_table_missing_forget_samples_is_refused(tiny_folder, tmp_pat
     bad_column = _unlearn(tiny_folder, tmp_path / "y", "--strategy", "curriculum",
                           "--difficulty", f"{path}:nope")
     assert "no column 'nope'" in bad_column.output
+
+
+def test_localize_through_the_folder_moves_only_the_top_components(tiny_folder, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from cud.circuits.store import CircuitStore
+    from cud.data import load_qa
+    samples = load_qa("builtin:8")
+    graph = Graph(n_layers=2, n_heads=4)
+    scores = torch.zeros(len(samples), graph.n_edges)
+    scores[:, graph.edge_lookup["a0.h1->m1"]] = 1.0     # a0.h1 and m1 top every circuit
+    scores[:, graph.edge_lookup["input->a1.h2<v>"]] = 0.1
+    store = CircuitStore.open(tmp_path / "circuits", {"test": 1}, graph)
+    store.write_batch([s.id for s in samples], scores, scores != 0,
+                      [{"text_hash": str(k)} for k in range(len(samples))])
+    out = tmp_path / "u"
+    result = _unlearn(tiny_folder, out, "--strategy", "localize", "--circuits",
+                      tmp_path / "circuits", "--localize-k", 2, "--save-model")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "unlearning.json").read_text())
+    assert manifest["strategy"]["components"] == ["a0.h1", "m1"]
+    original = tiny_model("llama", seed=0)
+    masks = parameter_masks(original.adapter, ["a0.h1", "m1"])
+    after = {}
+    for path in (out / "ga" / "model").glob("*.safetensors"):
+        after.update(load_file(path))
+    moved = set()
+    for name, p in original.model.named_parameters():
+        if name not in after:   # tied weights saved once
+            continue
+        mask = masks.get(name, torch.zeros_like(p, dtype=torch.bool))
+        assert torch.equal(after[name][~mask], p.detach()[~mask]), name
+        if not torch.equal(after[name][mask], p.detach()[mask]):
+            moved.add(name)
+    assert "model.layers.0.self_attn.q_proj.weight" in moved
+    assert any(n.startswith("model.layers.1.mlp.") for n in moved)
