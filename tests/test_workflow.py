@@ -66,8 +66,10 @@ def test_quick_run_ends_with_the_report(model_folder, tmp_path):
         < page.index('id="distribution"')
 
     # a second run reuses every stage's results (the same circuits, outcomes and scores) and,
-    # asked for it now, adds the easy/hard split protocol on the held-out samples
-    config.write_text(config.read_text() + '[study]\nsplit_method = "ga"\n')
+    # asked for them now, adds the easy/hard split protocol on the held-out samples and a
+    # strategy after the plain methods, compared with them in a table the report draws
+    config.write_text('strategy = "reweight"\n' + config.read_text()
+                      + '[study]\nsplit_method = "ga"\n')
     again = CliRunner().invoke(app, ["run", "--config", str(config)])
     assert again.exit_code == 0, again.output
     assert pd.read_parquet(out / "scores" / "scores.parquet").equals(scores)
@@ -75,6 +77,20 @@ def test_quick_run_ends_with_the_report(model_folder, tmp_path):
     split = pd.read_parquet(out / "validation" / "split_forget.parquet")
     assert set(split.index) <= set(study["held_out"]) and len(split) >= 2
     assert set(pd.read_csv(out / "validation" / "split_summary.csv")["half"]) == {"easy", "hard"}
+    assert "strategy" in json.loads((out / "run.json").read_text())["seconds"]
+    manifest = json.loads((out / "strategy-reweight" / "unlearning.json").read_text())
+    assert manifest["strategy"]["name"] == "reweight"
+    assert manifest["strategy"]["difficulty"].endswith("scores.parquet:cud")
+    comparison = pd.read_csv(out / "strategy-reweight" / "comparison.csv")
+    assert list(comparison["method"]) == ["graddiff", "npo"]
+    assert {"forgotten_plain", "forgotten_strategy", "forgotten_hard_plain",
+            "forgotten_hard_strategy", "retain_rise_plain", "retain_rise_strategy",
+            "mcnemar_p", "wilcoxon_p_nll_delta"} <= set(comparison.columns)
+    assert comparison["n_hard"].between(1, comparison["n"].max()).all()
+    weights = pd.read_csv(out / "strategy-reweight" / "strategy.csv").set_index("id")
+    assert weights["difficulty"].to_numpy() == pytest.approx(
+        scores.set_index("id")["cud"].reindex(weights.index).to_numpy())
+    assert 'id="strategy"' in (out / "report" / "report.html").read_text()
 
 
 def test_config_files_and_their_errors(tmp_path):
@@ -132,6 +148,8 @@ def test_tofu_spec_reads_forget_and_retain(tmp_path):
     ({"unlearning": {"hyperparameters": "slow"}}, "unknown hyperparameter table 'slow'"),
     ({"study": {"distance": "l2"}}, "unknown distance 'l2'"),
     ({"circuits": {"ablation": "mean"}}, r"\[circuits\]: the mean ablation needs a reference"),
+    ({"strategy": "xx"}, "unknown strategy 'xx'"),
+    ({"unlearning": {"strategy": "focus"}}, "in a run the methods run plain"),
     ({"preset": "paper", "unlearning": {"methods": ["ga"]}, "circuits": {"n_edges": -1}},
      "n_edges must be at least 1"),
 ])

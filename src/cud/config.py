@@ -33,6 +33,7 @@ from cud.errors import ConfigError
 from cud.report.html import ReportSettings
 from cud.unlearning.finetune import FinetuneSettings
 from cud.unlearning.folder import UnlearningSettings
+from cud.unlearning.strategies import check_strategy
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,13 @@ class RunConfig:
     fine-tuning, the corrupted prompts, unlearning, the baselines and the anchor pools (each
     stage section's own ``seed`` is replaced by it); ``retest``: also measure every circuit a
     second time with independent corrupted prompts (seed + 1; ``circuits-retest/``), for the
-    score's test-retest reliability."""
+    score's test-retest reliability. ``strategy``: after the plain methods, unlearn again with
+    this strategy (:mod:`cud.unlearning.strategies`; ``plain``: not) into
+    ``strategy-<name>/``, compared per method with plain (``comparison.csv``, a report
+    section); ``strategy_difficulty``: the difficulty it reads and whose top quartile is the
+    predicted-hard one: ``cud`` (the run's CUD score), ``loss`` or ``TABLE:COLUMN``. The
+    strategy's own settings (``focus_every``, ...) are the ``[unlearning]`` section's; that
+    section's ``strategy`` stays plain in a run (the plain methods are the ground truth)."""
 
     model: str = "smollm2"
     data: str = "builtin"
@@ -57,6 +64,8 @@ class RunConfig:
     seed: int = 0
     retest: bool = True
     preset: str = "default"
+    strategy: str = "plain"
+    strategy_difficulty: str = "cud"
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     circuits: CircuitSettings = field(default_factory=CircuitSettings)
     unlearning: UnlearningSettings = field(default_factory=UnlearningSettings)
@@ -73,6 +82,11 @@ class RunConfig:
             raise ConfigError(f"forget_fraction must be in (0, 1), got {self.forget_fraction}")
         if not str(self.out).strip():
             raise ConfigError("out: the output folder is empty")
+        check_strategy(self.strategy)
+        if self.unlearning.strategy != "plain":
+            raise ConfigError(f"unlearning.strategy '{self.unlearning.strategy}': in a run the "
+                              f"methods run plain (the ground truth); set strategy = "
+                              f"\"{self.unlearning.strategy}\" (top level) to run it after them")
 
     def stage(self, name: str):
         """A stage's settings with the run's seed."""

@@ -28,7 +28,7 @@ from cud.errors import ConfigError
 from cud.progress import Progress, silent
 
 STAGES = ("data", "model", "circuits", "retest", "unlearning", "pilots", "baselines",
-          "validation", "analysis", "report")
+          "validation", "strategy", "analysis", "report")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class RunResult:
     unlearning: pd.DataFrame | None = None   # one summary row per method
     heldout: pd.DataFrame | None = None      # the held-out validation table
     structure: dict | None = None            # the structure analysis summary
+    strategy: pd.DataFrame | None = None     # plain against the strategy, one row per method
     report: Path | None = None
 
 
@@ -143,6 +144,10 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
                                    forecast=forecast, progress=say)
         result.heldout = study.heldout
 
+    if config.strategy != "plain":
+        with clock("strategy"):  # the chosen strategy after the plain methods, compared
+            result.strategy = _strategy(config, lm, data, out, say)
+
     if config.study.split_method:
         with clock("split"):  # METHOD §8: unlearn the CUD-easy and CUD-hard halves apart
             from cud.difficulty.split import split_protocol_to_folder
@@ -243,6 +248,33 @@ def _model(config: RunConfig, data: RunData, say: Progress, result: RunResult):
     return lm
 
 
+def strategy_folder(config: RunConfig) -> Path:
+    return Path(config.out) / f"strategy-{config.strategy}"
+
+
+def _strategy(config: RunConfig, lm, data: RunData, out: Path, say: Progress) -> pd.DataFrame:
+    """Unlearn with ``config.strategy`` into its own folder and compare it with plain."""
+    from cud.unlearning.compare import compare_to_folder
+    from cud.unlearning.folder import unlearn_to_folder
+    from cud.unlearning.strategies import NEEDS_DIFFICULTY, read_difficulty
+    source = config.strategy_difficulty
+    if source == "cud":
+        source = f"{out / 'scores' / 'scores.parquet'}:cud"
+    ids = [s.id for s in data.forget]
+    before = pd.read_parquet(out / "unlearning" / "before.parquet")
+    before = before.set_index("id") if "id" in before.columns else before
+    difficulty = read_difficulty(source, ids, before)
+    plain = config.stage("unlearning")
+    settings = replace(plain, strategy=config.strategy,
+                       difficulty=source if config.strategy in NEEDS_DIFFICULTY else None,
+                       circuits=str(out / "circuits") if config.strategy == "localize"
+                       else None)
+    folder = strategy_folder(config)
+    unlearn_to_folder(lm, data.forget, data.retain, folder, settings, progress=say)
+    return compare_to_folder(out / "unlearning", folder, list(settings.methods), difficulty,
+                             settings.threshold, config.strategy)
+
+
 def _report(config: RunConfig, out: Path, data: RunData, say: Progress) -> Path:
     from cud.report.html import build_report
     from cud.report.inputs import load_report_inputs
@@ -251,7 +283,9 @@ def _report(config: RunConfig, out: Path, data: RunData, say: Progress) -> Path:
                                 unlearn=out / "unlearning",
                                 methods=list(config.unlearning.methods),
                                 baselines=out / "baselines" if config.baselines.enabled
-                                else None, validation=out / "validation")
+                                else None, validation=out / "validation",
+                                strategy=strategy_folder(config) / "comparison.csv"
+                                if config.strategy != "plain" else None)
     inputs.samples = _samples_table(data.forget).set_index("id")
     report = build_report(inputs, out / "report", title=config.report.title,
                           outcomes=config.report.outcomes,

@@ -32,6 +32,13 @@ def run(
                                                    "bf16 on GPU)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the split, the corrupted prompts, "
                                                   "training, anchors and bootstrap."),
+    strategy: Optional[str] = typer.Option(None, help="After the plain methods, unlearn again "
+                                                      "with this strategy (reweight, "
+                                                      "curriculum, focus, localize) and compare "
+                                                      "(default: none)."),
+    strategy_difficulty: Optional[str] = typer.Option(None, help="The strategy's difficulty: "
+                                                                 "cud, loss or TABLE:COLUMN "
+                                                                 "(default: cud)."),
 ):
     """The whole pipeline: fine-tune, circuits, unlearning, anchors, CUD, validation, report."""
     from cud.cli.render import progress_bars
@@ -39,7 +46,7 @@ def run(
     from cud.workflow import run as run_pipeline
 
     overrides = dict(model=model, data=data, limit=limit, out=out, device=device, dtype=dtype,
-                     seed=seed)
+                     seed=seed, strategy=strategy, strategy_difficulty=strategy_difficulty)
     if methods:
         overrides["unlearning"] = {"methods": csv_list(methods)}
     cfg = load_config(config, {k: v for k, v in overrides.items() if v is not None},
@@ -84,5 +91,9 @@ def _summary(result) -> None:
         console.print(f"held-out Spearman ρ of each difficulty metric with each method's "
                       f"difficulty ({first}; intervals in validation/heldout.csv):")
         console.print(piv.round(2).to_string())
+    if result.strategy is not None and not result.strategy.empty:
+        console.print("plain against the strategy (share forgotten, hard quartile, retain NLL "
+                      "rise, paired p; strategy-*/comparison.csv):")
+        console.print(result.strategy.round(3).to_string(index=False))
     if result.report:
         console.print(f"report: {result.report}")

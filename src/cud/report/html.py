@@ -59,7 +59,9 @@ class ReportInputs:
       ``nll_delta``, ...);
     - ``baselines``: one column per baseline difficulty metric (``cud baselines``);
     - ``samples``: columns ``question`` and ``answer``;
-    - ``statistics``: per-circuit structure statistics (computed from the circuits when None).
+    - ``statistics``: per-circuit structure statistics (computed from the circuits when None);
+    - ``strategy``: plain against a strategy, one row per method
+      (:func:`cud.unlearning.compare.compare_strategy`'s table).
     """
 
     graph: Graph | None = None
@@ -75,6 +77,7 @@ class ReportInputs:
     samples: pd.DataFrame | None = None
     statistics: pd.DataFrame | None = None
     study: object | None = None      # a saved validation (:func:`cud.difficulty.study.read_study`)
+    strategy: pd.DataFrame | None = None
     sources: dict[str, str] = field(default_factory=dict)   # input name -> where it came from
 
     @property
@@ -258,6 +261,8 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
     else:
         b.skip("Circuit drawings", "no circuits")
     _extremes_section(b, cud_table, samples, anchors, outcome_tables, first, n_extremes)
+    if inputs.strategy is not None and not inputs.strategy.empty:
+        _strategy_section(b, inputs.strategy)
 
     page = _page(title, inputs, b, ladder_parts)
     path = out_dir / "report.html"
@@ -522,6 +527,18 @@ def anchors_note(study, outcome: str) -> str:
                      + ", ".join(own) + " (one study per method: <code>cud validate "
                      "--method M</code>).")
     return text + "</p>"
+
+
+def _strategy_section(b: _Builder, table: pd.DataFrame) -> None:
+    """Plain against the strategy run after it: the comparison table as the stage wrote it."""
+    name = html.escape(str(table["strategy"].iloc[0])) if "strategy" in table.columns else ""
+    b.section("strategy", f"Plain against the {name} strategy",
+              "Per method, the same forget set unlearned plain and with the strategy: share "
+              "forgotten overall and in the predicted-hard quartile, mean retain NLL rise, "
+              "McNemar's exact p on forgotten or not (overall and in the hard quartile) and "
+              "Wilcoxon's p on the per-sample NLL increase, both paired against plain.")
+    b.table(table, name="strategy_comparison", index=False)
+    b.end()
 
 
 def _ladder_section(b: _Builder, study) -> None:

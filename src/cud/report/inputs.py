@@ -63,10 +63,11 @@ def load_report_inputs(*, circuits: str | Path | None = None, cud: str | Path | 
                        unlearn: str | Path | None = None, methods: list[str] | None = None,
                        baselines: str | Path | None = None,
                        validation: str | Path | None = None, data: str | None = None,
-                       split: str | None = None) -> ReportInputs:
+                       split: str | None = None,
+                       strategy: str | Path | None = None) -> ReportInputs:
     """Everything :func:`cud.report.html.build_report` can use, from paths (see the module
     docstring); ``methods`` picks unlearning methods from ``unlearn``; ``distance`` picks the
-    CUD of one distance."""
+    CUD of one distance; ``strategy``: a strategy's ``comparison.csv``."""
     out = ReportInputs()
     if circuits is not None:
         from cud.circuits.store import load_circuits
@@ -117,6 +118,13 @@ def load_report_inputs(*, circuits: str | Path | None = None, cud: str | Path | 
         from cud.difficulty.study import read_study
         out.study = read_study(validation)
         out.sources["validation"] = str(validation)
+    if strategy is not None:
+        try:
+            out.strategy = pd.read_csv(strategy)
+        except (OSError, ValueError) as e:
+            raise DataError(f"unreadable strategy comparison ({type(e).__name__})",
+                            file=str(strategy)) from None
+        out.sources["strategy"] = str(strategy)
     if data is not None:
         from cud.data import load_qa
         samples = load_qa(data, split=split)
