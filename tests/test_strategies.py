@@ -342,3 +342,52 @@ def test_localize_through_the_folder_moves_only_the_top_components(tiny_folder, 
             moved.add(name)
     assert "model.layers.0.self_attn.q_proj.weight" in moved
     assert any(n.startswith("model.layers.1.mlp.") for n in moved)
+
+
+# the comparison with plain and its report section -------------------------------------------
+def _fake_method(root, method, prob, nll_delta, rise):
+    import json
+
+    import pandas as pd
+    folder = root / method
+    folder.mkdir(parents=True)
+    ids = [f"s{k}" for k in range(len(prob))]
+    pd.DataFrame({"id": ids, "prob": prob}).to_parquet(folder / "after.parquet")
+    pd.DataFrame({"id": ids, "nll_delta": nll_delta}).to_parquet(folder / "outcomes.parquet")
+    (folder / "settings.json").write_text(json.dumps({"retain_nll_delta_mean": rise}))
+
+
+def test_comparison_with_plain(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from scipy import stats
+
+    from cud.unlearning.compare import compare_strategy
+    n = 20
+    difficulty = pd.Series(np.arange(n, dtype=float), index=[f"s{k}" for k in range(n)])
+    hard = difficulty >= difficulty.quantile(0.75)          # s15 .. s19
+    plain_prob = np.where(hard, 0.9, 0.05)                   # plain forgets only the easy ones
+    strategy_prob = np.full(n, 0.05)                         # the strategy forgets everything
+    _fake_method(tmp_path / "plain", "ga", plain_prob, np.linspace(0, 1, n), 0.2)
+    _fake_method(tmp_path / "s", "ga", strategy_prob, np.linspace(0, 1, n) + 0.5, 0.3)
+    row = compare_strategy(tmp_path / "plain", tmp_path / "s", ["ga"], difficulty, 0.1,
+                           "reweight").iloc[0]
+    assert row["n_hard"] == 5
+    assert row["forgotten_plain"] == 0.75 and row["forgotten_strategy"] == 1.0
+    assert row["forgotten_hard_plain"] == 0.0 and row["forgotten_hard_strategy"] == 1.0
+    assert row["retain_rise_plain"] == 0.2 and row["retain_rise_strategy"] == 0.3
+    assert row["mcnemar_p"] == pytest.approx(stats.binomtest(5, 5, 0.5).pvalue)
+    assert row["wilcoxon_p_nll_delta"] < 0.05
+
+
+def test_report_draws_the_strategy_table(tmp_path):
+    import pandas as pd
+
+    from cud.report.html import ReportInputs, build_report
+    table = pd.DataFrame({"method": ["ga"], "strategy": ["focus"], "forgotten_plain": [0.25],
+                          "forgotten_strategy": [0.5], "mcnemar_p": [0.03]})
+    report = build_report(ReportInputs(strategy=table), tmp_path / "r")
+    assert "strategy" in report.sections
+    page = report.html.read_text()
+    assert "Plain against the focus strategy" in page and "0.03" in page
+    assert "strategy" not in build_report(ReportInputs(), tmp_path / "r2").sections
