@@ -138,8 +138,9 @@ def unlearn(
     lm = load_or_teach(model, sets.taught, finetune_first, device)
     with progress_bars() as bar:
         run = unlearn_to_folder(lm, sets.forget, sets.retain, folder, settings, progress=bar)
+    how = "" if settings.strategy == "plain" else f", strategy {settings.strategy}"
     table = Table(title=f"per-sample NLL increase on the forget set ({len(sets.forget)} "
-                        f"samples)")
+                        f"samples{how})")
     for col in ("method", "lr", "min", "q1", "median", "q3", "max",
                 f"forgotten (p<{settings.threshold})", "retain ΔNLL", "held retain ΔNLL",
                 "time"):
