@@ -391,3 +391,37 @@ def test_report_draws_the_strategy_table(tmp_path):
     page = report.html.read_text()
     assert "Plain against the focus strategy" in page and "0.03" in page
     assert "strategy" not in build_report(ReportInputs(), tmp_path / "r2").sections
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi", "phi3", "qwen3",
+                                    "gemma", "olmo2", "gemma2", "gemma3_text"])
+def test_head_masks_are_exactly_what_the_adapter_reads_for_the_head(family):
+    """For every family: entries outside a head's mask never change the head's q/k/v/o slices
+    as the adapter reads them; entries inside do; the MLP block's mask covers what mlp() reads."""
+    from cud.models.adapters import adapter_for
+    lm = tiny_model(family, seed=0)
+    model = lm.model
+    layer, head = 1, 1
+    masks = parameter_masks(lm.adapter, [f"a{layer}.h{head}"])
+    total = sum(p.numel() for p in model.parameters())
+    chosen = sum(int(m.sum()) for m in masks.values())
+    assert 0 < chosen < total / 10
+
+    def slices(adapter):
+        weight, bias = adapter.qkv_weights(layer)
+        parts = [weight[:, head], adapter.output_weight(layer)[head]]
+        return [t.detach().clone() for t in parts + ([bias[:, head]] if bias is not None else [])]
+
+    original = slices(lm.adapter)
+    outside, inside = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in outside.named_parameters():
+            p[~masks.get(name, torch.zeros_like(p, dtype=torch.bool))] += 1.0
+        for name, p in inside.named_parameters():
+            if name in masks:
+                p[masks[name]] += 1.0
+    assert all(torch.equal(a, b) for a, b in zip(original, slices(adapter_for(outside))))
+    assert all(not torch.equal(a, b) for a, b in zip(original, slices(adapter_for(inside))))
+    mlp = parameter_masks(lm.adapter, [f"m{layer}"])
+    assert mlp and all(m.all() for m in mlp.values())
+    assert not set(mlp) & set(masks)
