@@ -31,7 +31,8 @@ def samples():
 
 
 def _grads(model):
-    return [p.grad.detach().clone() for p in model.parameters()]
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+            for p in model.parameters()]
 
 
 def _spy(record):
@@ -425,3 +426,28 @@ def test_head_masks_are_exactly_what_the_adapter_reads_for_the_head(family):
     mlp = parameter_masks(lm.adapter, [f"m{layer}"])
     assert mlp and all(m.all() for m in mlp.values())
     assert not set(mlp) & set(masks)
+
+
+def test_reweight_weights_each_rmu_position_by_its_sample(lm, samples):
+    """RMU's loss is a mean over steered positions: sample i's N_i positions weigh w_i each, so
+    the batch gradient is sum_i w_i (N_i / N) g_i, g_i its gradient alone."""
+    from cud.models.answers import prediction_mask
+    model = copy.deepcopy(lm.model)
+    m = make_method("rmu", alpha=0.0, coefficient=5.0, layer=1, update_layers=1)
+    m.setup(model, copy.deepcopy(lm.model))
+    enc = encode_samples(lm.tokenizer, samples[:3])
+    weights = torch.tensor([0.5, 3.0, 1.5])
+    batch = collate(enc, lm.pad_token_id)
+    batch.weights = weights
+    model.zero_grad()
+    m.loss(model, batch, None)[0].backward()
+    weighted = _grads(model)
+    positions = prediction_mask(batch).sum(1).float()
+    expected = [torch.zeros_like(g) for g in weighted]
+    for i, e in enumerate(enc):
+        model.zero_grad()
+        m.loss(model, collate([e], lm.pad_token_id), None)[0].backward()
+        for acc, g in zip(expected, _grads(model)):
+            acc += weights[i] * positions[i] / positions.sum() * g
+    for got, want in zip(weighted, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
