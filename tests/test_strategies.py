@@ -355,7 +355,8 @@ def _fake_method(root, method, prob, nll_delta, rise):
     ids = [f"s{k}" for k in range(len(prob))]
     pd.DataFrame({"id": ids, "prob": prob}).to_parquet(folder / "after.parquet")
     pd.DataFrame({"id": ids, "nll_delta": nll_delta}).to_parquet(folder / "outcomes.parquet")
-    (folder / "settings.json").write_text(json.dumps({"retain_nll_delta_mean": rise}))
+    (folder / "settings.json").write_text(json.dumps({"retain_nll_delta_mean": rise,
+                                                      "utility": {"model_utility": rise * 2}}))
 
 
 def test_comparison_with_plain(tmp_path):
@@ -377,6 +378,7 @@ def test_comparison_with_plain(tmp_path):
     assert row["forgotten_plain"] == 0.75 and row["forgotten_strategy"] == 1.0
     assert row["forgotten_hard_plain"] == 0.0 and row["forgotten_hard_strategy"] == 1.0
     assert row["retain_rise_plain"] == 0.2 and row["retain_rise_strategy"] == 0.3
+    assert row["utility_plain"] == 0.4 and row["utility_strategy"] == 0.6
     assert row["mcnemar_p"] == pytest.approx(stats.binomtest(5, 5, 0.5).pvalue)
     assert row["wilcoxon_p_nll_delta"] < 0.05
 

@@ -85,7 +85,7 @@ def test_quick_run_ends_with_the_report(model_folder, tmp_path):
     assert list(comparison["method"]) == ["graddiff", "npo"]
     assert {"forgotten_plain", "forgotten_strategy", "forgotten_hard_plain",
             "forgotten_hard_strategy", "retain_rise_plain", "retain_rise_strategy",
-            "mcnemar_p", "wilcoxon_p_nll_delta"} <= set(comparison.columns)
+            "mcnemar_p", "wilcoxon_p_nll_delta", "utility_plain"} <= set(comparison.columns)
     assert comparison["n_hard"].between(1, comparison["n"].max()).all()
     weights = pd.read_csv(out / "strategy-reweight" / "strategy.csv").set_index("id")
     assert weights["difficulty"].to_numpy() == pytest.approx(

@@ -3,7 +3,8 @@ one with a strategy), compared sample by sample.
 
 Per method (one row): the share forgotten (normalised answer probability below ``threshold``
 after unlearning) overall and in the predicted-hard quartile (the quarter of the forget set
-with the highest predicted difficulty), the mean retain NLL rise, and two paired tests against
+with the highest predicted difficulty), the mean retain NLL rise, the model utility (when
+measured), and two paired tests against
 plain: McNemar's exact test on forgotten / not (a two-sided binomial test on the discordant
 samples, :func:`scipy.stats.binomtest`) and Wilcoxon's signed-rank test on the per-sample NLL
 increase (:func:`scipy.stats.wilcoxon`).
@@ -76,6 +77,8 @@ def compare_strategy(plain_root: str | Path, strategy_root: str | Path, methods:
             if in_hard.any() else None,
             "retain_rise_plain": p_set.get("retain_nll_delta_mean"),
             "retain_rise_strategy": s_set.get("retain_nll_delta_mean"),
+            "utility_plain": (p_set.get("utility") or {}).get("model_utility"),
+            "utility_strategy": (s_set.get("utility") or {}).get("model_utility"),
             "mcnemar_p": mcnemar_p(forgot_p, forgot_s),
             "mcnemar_p_hard": mcnemar_p(forgot_p[in_hard], forgot_s[in_hard]),
             "wilcoxon_p_nll_delta": wilcoxon_p(p_out["nll_delta"].reindex(ids).to_numpy(float),
