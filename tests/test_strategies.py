@@ -377,6 +377,9 @@ def test_comparison_with_plain(tmp_path):
     assert row["n_hard"] == 5
     assert row["forgotten_plain"] == 0.75 and row["forgotten_strategy"] == 1.0
     assert row["forgotten_hard_plain"] == 0.0 and row["forgotten_hard_strategy"] == 1.0
+    assert row["forgotten_plain_lo"] < 0.75 < row["forgotten_plain_hi"]
+    assert row["forgotten_hard_strategy_lo"] < 1.0 == pytest.approx(
+        row["forgotten_hard_strategy_hi"])
     assert row["retain_rise_plain"] == 0.2 and row["retain_rise_strategy"] == 0.3
     assert row["utility_plain"] == 0.4 and row["utility_strategy"] == 0.6
     assert row["mcnemar_p"] == pytest.approx(stats.binomtest(5, 5, 0.5).pvalue)

@@ -2,7 +2,7 @@
 one with a strategy), compared sample by sample.
 
 Per method (one row): the share forgotten (normalised answer probability below ``threshold``
-after unlearning) overall and in the predicted-hard quartile (the quarter of the forget set
+after unlearning, with its Wilson 95% interval) overall and in the predicted-hard quartile (the quarter of the forget set
 with the highest predicted difficulty), the mean retain NLL rise, the model utility (when
 measured), and two paired tests against
 plain: McNemar's exact test on forgotten / not (a two-sided binomial test on the discordant
@@ -37,6 +37,14 @@ def _method_tables(root: Path, method: str) -> tuple[pd.DataFrame, pd.DataFrame,
     after = after.set_index("id") if "id" in after.columns else after
     outcomes = outcomes.set_index("id") if "id" in outcomes.columns else outcomes
     return after, outcomes, settings
+
+
+def share_interval(forgotten: np.ndarray) -> tuple[float, float]:
+    """Wilson 95% interval of a share of booleans (NaN, NaN for none)."""
+    if len(forgotten) == 0:
+        return math.nan, math.nan
+    ci = stats.binomtest(int(forgotten.sum()), len(forgotten)).proportion_ci(0.95, "wilson")
+    return float(ci.low), float(ci.high)
 
 
 def mcnemar_p(plain: np.ndarray, strategy: np.ndarray) -> float:
@@ -75,6 +83,10 @@ def compare_strategy(plain_root: str | Path, strategy_root: str | Path, methods:
             "forgotten_hard_plain": float(forgot_p[in_hard].mean()) if in_hard.any() else None,
             "forgotten_hard_strategy": float(forgot_s[in_hard].mean())
             if in_hard.any() else None,
+            **_intervals("forgotten_plain", forgot_p),
+            **_intervals("forgotten_strategy", forgot_s),
+            **_intervals("forgotten_hard_plain", forgot_p[in_hard]),
+            **_intervals("forgotten_hard_strategy", forgot_s[in_hard]),
             "retain_rise_plain": p_set.get("retain_nll_delta_mean"),
             "retain_rise_strategy": s_set.get("retain_nll_delta_mean"),
             "utility_plain": (p_set.get("utility") or {}).get("model_utility"),
@@ -85,6 +97,11 @@ def compare_strategy(plain_root: str | Path, strategy_root: str | Path, methods:
                                                s_out["nll_delta"].reindex(ids).to_numpy(float)),
         })
     return pd.DataFrame(rows)
+
+
+def _intervals(name: str, forgotten: np.ndarray) -> dict[str, float]:
+    lo, hi = share_interval(forgotten)
+    return {f"{name}_lo": lo, f"{name}_hi": hi}
 
 
 def compare_to_folder(plain_root: str | Path, strategy_root: str | Path,
