@@ -84,6 +84,27 @@ def id_list(spec: str) -> list[str]:
     return csv_list(spec) or []
 
 
+def ids_or_file(spec: str | None, option: str) -> list[str] | None:
+    """``@FILE``: the ids in FILE, one a line, verbatim (an id may hold commas and spaces;
+    empty lines are skipped); otherwise a comma-separated list. None stays None."""
+    if spec is None:
+        return None
+    if not spec.startswith("@"):
+        return csv_list(spec)
+    path = Path(spec[1:])
+    if not path.is_file():
+        raise DataError(f"no such file of ids for {option}", file=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text (byte {e.start})", file=str(path)) from None
+    ids = [line.removesuffix("\r") for line in text.split("\n")]
+    ids = [i for i in ids if i]
+    if not ids:
+        raise DataError(f"no ids in the file for {option}", file=str(path))
+    return ids
+
+
 def parse_params(params: list[str]) -> dict:
     """``["alpha=2", "beta=none"]`` -> ``{"alpha": 2, "beta": None}``."""
     out = {}

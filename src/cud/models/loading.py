@@ -215,8 +215,20 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None,
         raise ModelError(f"{spec}: cannot load the weights ({_first_line(e)}); the file may be "
                          f"truncated or damaged") from None
     _check_loading_info(spec, info)
+    check_finite_weights(model, spec)
     model.to(dev).eval()
     return prepare(model, tokenizer, name=spec)
+
+
+def check_finite_weights(model: torch.nn.Module, name: str) -> None:
+    """Refuse a model with a NaN or infinite parameter (every result of it would be NaN, with
+    an exit 0), naming the first such parameter."""
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                bad = int((~torch.isfinite(p)).sum())
+                raise ModelError(f"{name}: the weights hold {bad} NaN or infinite value(s), "
+                                 f"first in {param_name}; the model is damaged")
 
 
 def _check_loading_info(spec: str, info: dict) -> None:
