@@ -26,11 +26,12 @@ from typing import Any
 from cud.analysis.stage import AnalysisSettings
 from cud.circuits.settings import CircuitSettings
 from cud.data.prepare import DEFAULT_FORGET_FRACTION
+from cud.data.text import TextSettings
 from cud.difficulty.baselines import BaselineSettings
 from cud.difficulty.pilot import PilotSettings
 from cud.difficulty.study import StudySettings
 from cud.errors import ConfigError, shown
-from cud.limits import check_seed
+from cud.limits import MAX_SEED, check_seed
 from cud.report.html import ReportSettings
 from cud.unlearning.finetune import FinetuneSettings
 from cud.unlearning.folder import UnlearningSettings
@@ -45,7 +46,8 @@ class RunConfig:
     fine-tuning, the corrupted prompts, unlearning, the baselines and the anchor pools (each
     stage section's own ``seed`` is replaced by it); ``retest``: also measure every circuit a
     second time with independent corrupted prompts (seed + 1; ``circuits-retest/``), for the
-    score's test-retest reliability."""
+    score's test-retest reliability; ``text``: how plain-text samples are split and cut
+    (``[text] prefix_tokens``, ``max_tokens``: :class:`cud.data.text.TextSettings`)."""
 
     model: str = "smollm2"
     data: str = "builtin"
@@ -58,6 +60,7 @@ class RunConfig:
     seed: int = 0
     retest: bool = True
     preset: str = "default"
+    text: TextSettings = field(default_factory=TextSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     circuits: CircuitSettings = field(default_factory=CircuitSettings)
     unlearning: UnlearningSettings = field(default_factory=UnlearningSettings)
@@ -73,6 +76,9 @@ class RunConfig:
         if not 0 < self.forget_fraction < 1:
             raise ConfigError(f"forget_fraction must be in (0, 1), got {self.forget_fraction}")
         check_seed(self.seed)
+        if self.retest and self.seed == MAX_SEED:  # the retest's circuits use seed + 1
+            raise ConfigError(f"seed must be below {MAX_SEED} with retest (the second "
+                              f"measurement uses seed + 1)")
         if not str(self.out).strip():
             raise ConfigError("out: the output folder is empty")
 

@@ -140,6 +140,32 @@ def ray_address_option():
                                    "must be on storage every node shares.")
 
 
+def prefix_tokens_option():
+    """``--prefix-tokens``: tokens of a plain text given as its prompt (:mod:`cud.data.text`)."""
+    import typer
+
+    from cud.data.text import TextSettings
+    return typer.Option(None, help="Plain-text data: tokens of each text given as its prompt, "
+                                   "the rest is forgotten; a text of at most that many tokens "
+                                   "gets the first half of its tokens "
+                                   f"{default(TextSettings, 'prefix_tokens')}.")
+
+
+def max_tokens_option():
+    """``--max-tokens``: the longest a plain text may be, in tokens (:mod:`cud.data.text`)."""
+    import typer
+
+    from cud.data.text import TextSettings
+    return typer.Option(None, help="Plain-text data: longer texts are cut to this many tokens "
+                                   f"{default(TextSettings, 'max_tokens')}.")
+
+
+def text_settings(prefix_tokens: int | None, max_tokens: int | None):
+    """The :class:`cud.data.text.TextSettings` of ``--prefix-tokens`` and ``--max-tokens``."""
+    from cud.data.text import TextSettings
+    return settings_from(TextSettings, prefix_tokens=prefix_tokens, max_tokens=max_tokens)
+
+
 def distributed(workers: int, ray_address: str | None) -> bool:
     """Whether the work goes to Ray; refuses a worker count below 1."""
     if workers < 1:
