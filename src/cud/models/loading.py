@@ -222,13 +222,17 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None,
 
 def check_finite_weights(model: torch.nn.Module, name: str) -> None:
     """Refuse a model with a NaN or infinite parameter (every result of it would be NaN, with
-    an exit 0), naming the first such parameter."""
+    an exit 0), naming the first such parameter. In float16 only NaN is refused: an infinity
+    there may be a finite weight past float16's range (65504), which the stages that overflow
+    name themselves, with the advice to load in float32."""
     with torch.no_grad():
         for param_name, p in model.named_parameters():
-            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-                bad = int((~torch.isfinite(p)).sum())
-                raise ModelError(f"{name}: the weights hold {bad} NaN or infinite value(s), "
-                                 f"first in {param_name}; the model is damaged")
+            if not p.is_floating_point():
+                continue
+            bad = torch.isnan(p) if p.dtype == torch.float16 else ~torch.isfinite(p)
+            if bool(bad.any()):
+                raise ModelError(f"{name}: the weights hold {int(bad.sum())} NaN or infinite "
+                                 f"value(s), first in {param_name}; the model is damaged")
 
 
 def _check_loading_info(spec: str, info: dict) -> None:
