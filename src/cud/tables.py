@@ -21,8 +21,11 @@ def _replace(tmp: Path, path: Path) -> None:
 
 def write_csv(table: pd.DataFrame, path: str | Path, *, index: bool = True) -> None:
     """``table`` as CSV that reads back the same (:func:`read_csv`): every text cell quoted, so
-    a value with a comma, quote, tab, newline or carriage return stays one cell of one row."""
-    table.to_csv(path, index=index, quoting=csv.QUOTE_NONNUMERIC)
+    a value with a comma, quote, tab, newline or carriage return stays one cell of one row (the
+    header, the column names, is quoted only where it needs to be, as before)."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        table.head(0).to_csv(f, index=index)
+        table.to_csv(f, index=index, header=False, quoting=csv.QUOTE_NONNUMERIC)
 
 
 def read_csv(path: str | Path, **kwargs) -> pd.DataFrame:
