@@ -36,7 +36,7 @@ import pandas as pd
 from cud.data.general import general_knowledge
 from cud.data.samples import QASample
 from cud.errors import ConfigError, StoreError
-from cud.limits import check_count, check_probability
+from cud.limits import check_amount, check_count, check_probability
 from cud.models.fingerprint import model_fingerprint
 from cud.models.loading import LoadedModel
 from cud.models.precision import matmul_precision
@@ -58,6 +58,8 @@ from cud.unlearning.run import (
 MANIFEST = "unlearning.json"
 #: the most samples ``utility_samples`` may ask for
 MAX_SAMPLES = 10_000_000
+#: the longest greedy answer ``generation_budget`` may ask for, in times the true answer's tokens
+MAX_GENERATION_BUDGET = 100
 FORMAT_VERSION = 1
 
 
@@ -136,6 +138,7 @@ class UnlearningSettings:
                               f"{', '.join(known) or 'none'})")
         check_probability(self.threshold, "threshold")
         check_count(self.eval_batch_size, "eval_batch_size", MAX_BATCH)
+        check_amount(self.generation_budget, "generation_budget", MAX_GENERATION_BUDGET)
         if self.utility_samples is not None:
             check_count(self.utility_samples, "utility_samples", MAX_SAMPLES)
         for m in self.methods:
