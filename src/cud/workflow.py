@@ -83,7 +83,8 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
     with clock("data"):
         data = load_run_data(config.data, limit=config.limit,
                              retain_authors=config.retain_authors,
-                             forget_fraction=config.forget_fraction, seed=config.seed)
+                             forget_fraction=config.forget_fraction, seed=config.seed,
+                             text=config.text)
         result.n_forget, result.n_retain = len(data.forget), len(data.retain)
         _samples_table(data.forget).to_csv(out / "forget.csv", index=False)
         _samples_table(data.retain).to_csv(out / "retain.csv", index=False)

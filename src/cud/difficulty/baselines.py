@@ -24,6 +24,7 @@ import torch
 from cud.data.encoding import Batch, batches, encode_samples
 from cud.data.samples import QASample
 from cud.errors import ConfigError
+from cud.limits import check_seed
 from cud.models.answers import answer_logits, teacher_forced_outcomes
 from cud.models.loading import LoadedModel
 from cud.prices import record_price
@@ -71,6 +72,7 @@ class BaselineSettings:
             raise ConfigError(f"MRD needs K >= 1 draws, got {self.mrd_k}")
         if not self.mrd_sigma >= 0:
             raise ConfigError(f"MRD needs sigma >= 0, got {self.mrd_sigma}")
+        check_seed(self.seed)
         if self.mrd_tokens not in ("answer", "all"):
             raise ConfigError(f"MRD tokens must be 'answer' or 'all', got '{self.mrd_tokens}'")
 

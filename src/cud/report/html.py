@@ -20,10 +20,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from cud.circuits.export import json_file_name
 from cud.circuits.graph import Graph
 from cud.difficulty.groundtruth import indexed_by_id
 from cud.errors import ConfigError
 from cud.progress import Progress
+from cud.tables import write_csv
 from cud.report import figures as F
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ class _Builder:
         if name is not None:
             self.tables[name] = frame
             self.table_dir.mkdir(exist_ok=True)
-            frame.to_csv(self.table_dir / f"{name}.csv", index=index)
+            write_csv(frame, self.table_dir / f"{name}.csv", index=index)
         def fmt(v) -> str:
             if isinstance(v, (float, np.floating)):
                 return "–" if not np.isfinite(v) else f"{v:.{digits}g}"
@@ -677,6 +679,7 @@ def _drawings(b: _Builder, inputs: ReportInputs, cud, held, draw) -> None:
             if len(scored):
                 draw = [scored.idxmin(), scored.idxmax()]
         draw = list(dict.fromkeys(draw)) or ids[:1]
+    draw = list(dict.fromkeys(draw))
     unknown = [i for i in draw if i not in where]
     if unknown:
         from cud.errors import DataError
@@ -700,8 +703,9 @@ def _drawings(b: _Builder, inputs: ReportInputs, cud, held, draw) -> None:
 
 
 def _file_name(sample_id: str) -> str:
-    import re
-    return re.sub(r"[^A-Za-z0-9._-]", "_", sample_id)[:80]
+    """The sample's name in file names: the circuit JSON export's, which no other id shares
+    (``a/b`` -> ``a%2Fb``, ``a_b`` stays ``a_b``, ``a b`` -> ``a%20b``)."""
+    return json_file_name(sample_id).removesuffix(".json")
 
 
 def _extremes(cud_table, samples, anchors, outcomes, outcome, n, ascending) -> pd.DataFrame:

@@ -41,6 +41,7 @@ import pandas as pd
 from cud.data.general import general_knowledge
 from cud.data.samples import QASample
 from cud.errors import ConfigError, StoreError
+from cud.limits import check_amount, check_count, check_probability
 from cud.models.fingerprint import model_fingerprint
 from cud.models.loading import LoadedModel
 from cud.models.precision import matmul_precision
@@ -49,6 +50,7 @@ from cud.prices import record_price
 from cud.unlearning.calibration import (DEFAULT_BUDGET, DEFAULT_GRID, DEFAULT_HELD, calibrate,
                                         check_calibration, held_retain, held_rise, is_collapsed)
 from cud.unlearning.hyperparameters import DEFAULT_TABLE, TABLES, hyperparameters
+from cud.unlearning.loop import MAX_BATCH
 from cud.unlearning.methods import METHODS
 from cud.unlearning.outcomes import evaluate_outcomes, model_utility, save_outcomes
 from cud.unlearning.run import (
@@ -61,7 +63,17 @@ from cud.unlearning.strategies import (COMPUTED, NEEDS_DIFFICULTY, ORDERS, check
                                        difficulty_hash, plan, read_difficulty)
 
 MANIFEST = "unlearning.json"
+#: the most samples ``utility_samples`` may ask for
+MAX_SAMPLES = 10_000_000
+#: the longest greedy answer ``generation_budget`` may ask for, in times the true answer's tokens
+MAX_GENERATION_BUDGET = 100
 FORMAT_VERSION = 1
+
+
+def _hyperparameter_names(method: str) -> set[str]:
+    """The hyperparameters of a method: its dataclass fields (not its class constants)."""
+    import dataclasses
+    return {f.name for f in dataclasses.fields(METHODS[method]) if not f.name.startswith("_")}
 
 
 @dataclass(frozen=True)
@@ -69,7 +81,8 @@ class UnlearningSettings:
     """What the unlearning stage runs. ``hyperparameters`` names a table of
     :mod:`cud.unlearning.hyperparameters`; ``params`` (method hyperparameters, e.g.
     ``{"alpha": 2}``) and the training fields set to a value override it for every method
-    (a parameter a method does not have is ignored for that method). ``bf16``: matrix products
+    (a parameter a method does not have is ignored for that method; one that no method run
+    has is refused). ``threshold``: a probability in (0, 1). ``bf16``: matrix products
     in bfloat16 for training and every evaluation (:mod:`cud.models.precision`).
     ``utility``: also measure model utility (retain set and general knowledge) after each
     method, on the first ``utility_samples`` retain samples (all when None).
@@ -142,6 +155,17 @@ class UnlearningSettings:
         for key, value in self.params.items():
             if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
                 raise ConfigError(f"unlearning.params.{key}: expected a number, got {value!r}")
+        known = sorted({f for m in self.methods for f in _hyperparameter_names(m)})
+        unknown = [k for k in self.params if k not in known]
+        if unknown:  # a parameter no method run has would be silently ignored
+            raise ConfigError(f"unknown method hyperparameter {', '.join(map(repr, unknown))} "
+                              f"(those of {', '.join(self.methods)}: "
+                              f"{', '.join(known) or 'none'})")
+        check_probability(self.threshold, "threshold")
+        check_count(self.eval_batch_size, "eval_batch_size", MAX_BATCH)
+        check_amount(self.generation_budget, "generation_budget", MAX_GENERATION_BUDGET)
+        if self.utility_samples is not None:
+            check_count(self.utility_samples, "utility_samples", MAX_SAMPLES)
         for m in self.methods:
             self.train_config(m).validate()
         stray = [m for m in self.calibrate if m not in self.methods]
@@ -185,7 +209,7 @@ class UnlearningSettings:
 
     def method_hyperparameters(self, method: str) -> dict:
         hyper, _ = hyperparameters(method, self.hyperparameters)
-        known = {f for f in METHODS[method].__dataclass_fields__}
+        known = _hyperparameter_names(method)
         return {**hyper, **{k: v for k, v in self.params.items() if k in known}}
 
     def train_config(self, method: str):
