@@ -76,7 +76,7 @@ def circuits(
                              convention=convention,
                              selection=selection, n_edges=n_edges, threshold=threshold,
                              faithfulness=faithful, batch_size=batch_size, seed=seed)
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--data": data, "--reference": reference})
     samples = load_samples(data, split=split, limit=limit)
     ref = load_qa(reference) if reference else None
     say_text_cuts(samples + (ref or []), model)
@@ -120,3 +120,8 @@ def _summary(run, settings: CircuitSettings) -> None:
                       f"{settings.ablation} ({settings.draws} draw(s)), selection "
                       f"{settings.selection}")
     console.print(f"results in {run.root} (samples.parquet, shards/, edges.txt, manifest.json)")
+    if run.n_other:
+        console.print(f"{run.root} holds the circuits of these {len(t)} samples (ids.json); "
+                      f"{run.n_other} circuits of other samples, from earlier runs into it, "
+                      f"are kept for reuse but not read by `cud anchors`, `cud score` or "
+                      f"`cud validate`")

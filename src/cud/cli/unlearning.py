@@ -109,7 +109,7 @@ def unlearn(
                              grad_accum=grad_accum, bf16=bf16, eval_every=eval_every,
                              eval_bf16=eval_bf16, threshold=threshold, utility=utility, seed=seed,
                              save_model=save_model)
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--data": data, "--forget": forget})
     sets = forget_and_retain(data, forget=forget, split=split, limit=limit,
                              forget_fraction=forget_fraction, retain_authors=retain_authors,
                              seed=seed)
