@@ -281,3 +281,123 @@ def test_2_refused_rerun_of_cud_run_changes_no_file(model_dir, tmp_path):
                                                    "builtin:20"))
     refused(again, "unlearning", "use another --out")
     assert digest(out) == before
+
+
+# --- 3. an --out that holds an input -------------------------------------------------------------
+
+@pytest.mark.parametrize("command, option", [
+    (lambda s: ["validate", "--circuits", s / "circuits", "--outcomes", s / "unlearning",
+                "--out", s / "unlearning"], "--outcomes"),
+    (lambda s: ["score", "--circuits", s / "circuits", "--anchors", s / "anchors",
+                "--out", s / "circuits"], "--circuits"),
+    (lambda s: ["report", "--circuits", s / "circuits", "--outcomes", s / "unlearning",
+                "--out", s], "--circuits"),
+], ids=["validate-into-its-outcomes", "score-into-its-circuits", "report-above-its-inputs"])
+def test_3_out_holding_an_input_is_refused(command, option, stages, tmp_path):
+    """Failure 3: ``cud validate --outcomes U --out U`` overwrites files it reads
+    (``agreement_nll_delta.csv``); any command's ``--out`` may be (or hold) one of its inputs.
+    Expected after the fix: refused in one line (exit 2) naming the input's option, and no
+    file of the inputs changes."""
+    import shutil
+    copy = tmp_path / "stages"
+    for name in ("circuits", "unlearning", "anchors"):
+        shutil.copytree(stages / name, copy / name)
+    before = digest(copy)
+    one_line_error(invoke(*command(copy)), option, "holds the input")
+    assert digest(copy) == before
+
+
+# --- 4. a circuits folder holds the samples asked, and only those are scored ---------------------
+
+def test_4_circuits_folder_holds_the_last_runs_samples(model_dir, tmp_path):
+    """Failure 4: ``cud circuits`` on ``builtin:6``, then on ``builtin:3`` into the same
+    ``--out``, then ``cud anchors`` and ``cud score`` on that folder: six samples are scored
+    though the last run asked for three.
+    Expected after the fix: the folder holds the last run's samples (``ids.json``; the run
+    says so when circuits of other samples stay in it), and ``cud score`` scores those three."""
+    from cud.circuits.store import load_circuits
+    out = tmp_path / "c"
+    for data in ("builtin:6", "builtin:3"):
+        result = invoke("circuits", "--model", model_dir, "--data", data, *QUICK, "--out", out)
+        assert result.exit_code == 0, result.output
+    assert "holds the circuits of these 3 samples" in " ".join(result.output.split())
+    ids = load_circuits(out).ids
+    assert len(ids) == 3
+    result = invoke("anchors", "--circuits", out, "--easy-ids", ids[0], "--hard-ids", ids[1],
+                    "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    result = invoke("score", "--circuits", out, "--anchors", tmp_path / "a", "--out",
+                    tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    assert sorted(pd.read_parquet(tmp_path / "s" / "scores.parquet")["id"]) == sorted(ids)
+    # asked again, the six come back, the three first (none recomputed)
+    result = invoke("circuits", "--model", model_dir, "--data", "builtin:6", *QUICK, "--out", out)
+    assert result.exit_code == 0 and "6 already done" in " ".join(result.output.split())
+    assert len(load_circuits(out).ids) == 6
+
+
+# --- 5. validate compares the texts of circuits and outcomes -------------------------------------
+
+def test_5_validate_refuses_circuits_of_other_texts(model_dir, stages, tmp_path):
+    """Failure 5: ``cud validate`` accepts circuits of other texts under the same ids as the
+    outcomes (answers changed), and judges CUD against the outcomes of other samples.
+    Expected after the fix: refused in one line (exit 2) saying how many samples differ and
+    one example id, as ``cud unlearn`` refuses another forget set; ``cud anchors --outcomes``
+    the same; circuits of the same texts still validate."""
+    rows = [json.loads(line) for line in (stages / "forget.jsonl").read_text().splitlines()]
+    for row in rows[:2]:
+        row["answer"] = row["answer"] + " Or so they say."
+    write_jsonl(tmp_path / "changed.jsonl", rows)
+    result = invoke("circuits", "--model", model_dir, "--data", tmp_path / "changed.jsonl",
+                    *QUICK, "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    common = ["--outcomes", stages / "unlearning", "--k", "1", "--pool", "0.5", "--n-boot", "20",
+              "--no-predictor", "--no-variants", "--no-ladder", "--sizes", "10"]
+    line = one_line_error(invoke("validate", "--circuits", tmp_path / "c", *common, "--out",
+                                 tmp_path / "v"), "2 of the samples")
+    assert rows[0]["id"] in line or rows[1]["id"] in line, line
+    assert not (tmp_path / "v" / "study.json").exists()
+    one_line_error(invoke("anchors", "--circuits", tmp_path / "c", "--outcomes",
+                          stages / "unlearning", "--k", "1", "--out", tmp_path / "a"),
+                   "2 of the samples")
+    same = invoke("validate", "--circuits", stages / "circuits", *common, "--out", tmp_path / "w")
+    assert same.exit_code == 0, same.output
+
+
+# --- 15. two baselines runs at once: refused by the lock, unique temporary names ----------------
+
+def test_15_two_baselines_runs_at_once_one_refused_by_the_lock(model_dir, stages, tmp_path):
+    """Failure 15: two ``cud baselines`` into one folder at once ended with one refused only
+    because both wrote the same temporary file name (``.baselines.parquet.tmp<pid>``-style
+    names, a race), not because of a lock.
+    Expected after the fix: one finishes (exit 0), the other is refused in one line (exit 2)
+    by the folder's lock, naming the other run."""
+    out = tmp_path / "b"
+    command = ["baselines", "--model", model_dir, "--data", stages / "forget.jsonl",
+               "--metrics", "loss,grad_norm", "--out", out]
+    results = together(tmp_path / "go", command, command)
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [(code, err[-1500:]) for code, _, err in results]
+    err = next(err for code, _, err in results if code == 2).strip()
+    assert len(err.splitlines()) == 1 and "another cud run" in err, err
+    n = len((stages / "forget.jsonl").read_text().splitlines())
+    assert len(pd.read_parquet(out / "baselines.parquet")) == n
+
+
+def test_15_a_temporary_name_in_use_does_not_break_a_write(tmp_path):
+    """Failure 15: atomic writes use a temporary name made of the target's name and the
+    process id, so two writers of one process (or a leftover of an earlier process with the
+    same id) collide on it.
+    Expected after the fix: unique temporary names (``tempfile`` in the target's folder): a
+    name already taken does not matter, and no temporary file is left behind."""
+    from cud.prices import record_price
+    from cud.tables import save_table
+    for name in ("t.parquet", "t.csv", "prices.json"):  # the names an old writer would take
+        (tmp_path / f".{name}.tmp{os.getpid()}").mkdir()
+    save_table(pd.DataFrame({"x": [1, 2]}, index=pd.Index(["a", "b"], name="id")),
+               tmp_path / "t")
+    record_price(tmp_path, "loss", 1.0, 2)
+    assert pd.read_parquet(tmp_path / "t.parquet")["x"].tolist() == [1, 2]
+    assert json.loads((tmp_path / "prices.json").read_text())["loss"]["samples"] == 2
+    left = sorted(p.name for p in tmp_path.iterdir() if p.is_file() and ".tmp" in p.name)
+    assert left == [], left
