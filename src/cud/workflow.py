@@ -239,14 +239,13 @@ class _Clock:
                 if kind is None:
                     clock.result.seconds[stage] = round(seconds, 2)
                     clock.say(stage, 1, 1, f"done in {seconds:.1f} s")
-                    clock.write(clock.result.out)
+                    if clock.writing:
+                        clock.write(clock.result.out)
                 return False
 
         return _Stage()
 
     def write(self, out: Path) -> None:
-        if not self.writing:
-            return
         r = self.result
         sittings = self.earlier + [dict(r.seconds)]
         every: dict[str, float] = {}
