@@ -25,6 +25,9 @@ from cud.cli import app
 from cud.models import tiny_model
 
 QUICK = ["--steps", "2", "--n-edges", "10", "--no-faithfulness"]
+#: a small study of 10 samples for `cud validate`
+STUDY = ["--k", "1", "--pool", "0.5", "--n-boot", "20", "--no-predictor", "--no-variants",
+         "--no-ladder", "--sizes", "10"]
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -174,9 +177,7 @@ def _commands(model: Path, stages: Path, out: Path) -> dict[str, list]:
         "pilot": ["pilot", "--model", model, "--data", "builtin:16", "--method", "ga",
                   "--max-steps", "2", "--batch-size", "4", "--fractions", "0.5", "--out", out],
         "validate": ["validate", "--circuits", stages / "circuits", "--outcomes",
-                     stages / "unlearning", "--k", "1", "--pool", "0.5", "--n-boot", "20",
-                     "--no-predictor", "--no-variants", "--no-ladder", "--sizes", "10",
-                     "--out", out],
+                     stages / "unlearning", *STUDY, "--out", out],
         "anchors": ["anchors", "--circuits", stages / "circuits", "--outcomes",
                     stages / "unlearning", "--k", "1", "--out", out],
         "score": ["score", "--circuits", stages / "circuits", "--anchors", stages / "anchors",
@@ -287,7 +288,7 @@ def test_2_refused_rerun_of_cud_run_changes_no_file(model_dir, tmp_path):
 
 @pytest.mark.parametrize("command, option", [
     (lambda s: ["validate", "--circuits", s / "circuits", "--outcomes", s / "unlearning",
-                "--out", s / "unlearning"], "--outcomes"),
+                *STUDY, "--out", s / "unlearning"], "--outcomes"),
     (lambda s: ["score", "--circuits", s / "circuits", "--anchors", s / "anchors",
                 "--out", s / "circuits"], "--circuits"),
     (lambda s: ["report", "--circuits", s / "circuits", "--outcomes", s / "unlearning",
@@ -320,9 +321,9 @@ def test_4_circuits_folder_holds_the_last_runs_samples(model_dir, tmp_path):
     for data in ("builtin:6", "builtin:3"):
         result = invoke("circuits", "--model", model_dir, "--data", data, *QUICK, "--out", out)
         assert result.exit_code == 0, result.output
-    assert "holds the circuits of these 3 samples" in " ".join(result.output.split())
     ids = load_circuits(out).ids
     assert len(ids) == 3
+    assert "holds the circuits of these 3 samples" in " ".join(result.output.split())
     result = invoke("anchors", "--circuits", out, "--easy-ids", ids[0], "--hard-ids", ids[1],
                     "--out", tmp_path / "a")
     assert result.exit_code == 0, result.output
@@ -351,8 +352,7 @@ def test_5_validate_refuses_circuits_of_other_texts(model_dir, stages, tmp_path)
     result = invoke("circuits", "--model", model_dir, "--data", tmp_path / "changed.jsonl",
                     *QUICK, "--out", tmp_path / "c")
     assert result.exit_code == 0, result.output
-    common = ["--outcomes", stages / "unlearning", "--k", "1", "--pool", "0.5", "--n-boot", "20",
-              "--no-predictor", "--no-variants", "--no-ladder", "--sizes", "10"]
+    common = ["--outcomes", stages / "unlearning", *STUDY]
     line = one_line_error(invoke("validate", "--circuits", tmp_path / "c", *common, "--out",
                                  tmp_path / "v"), "2 of the samples")
     assert rows[0]["id"] in line or rows[1]["id"] in line, line
