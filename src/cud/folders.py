@@ -88,13 +88,29 @@ def replacing(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     ``.npz`` for writers that add their own)."""
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
     tmp = Path(name)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it (mkstemp makes it 0600)
+        os.close(fd)
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temporary_folder(path: str | Path) -> Path:
+    """A new uniquely named folder beside ``path`` to build it in before renaming it into
+    place (with the permissions ``mkdir`` gives, not ``mkdtemp``'s 0700)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
 
 
 def write_bytes(path: str | Path, data: bytes, *, sync: bool = False) -> None:

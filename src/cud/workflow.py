@@ -26,7 +26,7 @@ import pandas as pd
 from cud.config import RunConfig, apply, load_config, with_preset
 from cud.data.prepare import RunData, load_run_data
 from cud.errors import ConfigError
-from cud.folders import folder_lock, write_text
+from cud.folders import check_out, folder_lock, write_text
 from cud.progress import Progress, silent
 
 STAGES = ("data", "model", "circuits", "retest", "unlearning", "pilots", "baselines",
@@ -77,6 +77,7 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: output path exists and is not a folder")
+    check_out(out, {"data": config.data}, "out")
     with contextlib.ExitStack() as held:
         held.enter_context(folder_lock(out))   # one run at a time in the folder
         return _run(config, out, say, held)

@@ -54,6 +54,8 @@ def finetune(
     settings = settings_from(FinetuneSettings, lr=lr, epochs=epochs, batch_size=batch_size,
                              lora=lora, lora_r=lora_r, bf16=bf16, seed=seed,
                              cache_dir=cache_dir)
+    if out:  # refused before any work
+        out_folder(out, inputs={"--data": data})
     if data.startswith("tofu:"):
         samples = load_run_data(data, limit=limit, retain_authors=retain_authors).taught
     else:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,7 @@ import torch
 from cud.data.encoding import EncodedSample, encode_samples
 from cud.data.samples import QASample
 from cud.errors import ConfigError, ModelError, StoreError
+from cud.folders import make_temporary_folder
 from cud.models.loading import BUNDLED, LoadedModel, load_model, prepare
 from cud.models.precision import matmul_precision
 from cud.models.answers import answer_nll, teacher_forced_outcomes
@@ -237,7 +237,7 @@ def finetune(model: str, samples: Sequence[QASample],
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=folder))
+        tmp = make_temporary_folder(path)
         save_hf_folder(net, lm.tokenizer, tmp)
         table.to_parquet(tmp / "memorisation.parquet")
         table.to_csv(tmp / "memorisation.csv")
