@@ -292,8 +292,11 @@ def test_2_refused_rerun_of_cud_run_changes_no_file(model_dir, tmp_path):
     (lambda s: ["score", "--circuits", s / "circuits", "--anchors", s / "anchors",
                 "--out", s / "circuits"], "--circuits"),
     (lambda s: ["report", "--circuits", s / "circuits", "--outcomes", s / "unlearning",
-                "--out", s], "--circuits"),
-], ids=["validate-into-its-outcomes", "score-into-its-circuits", "report-above-its-inputs"])
+                "--out", s / "unlearning" / "report"], "--outcomes"),
+    (lambda s: ["validate", "--circuits", s / "circuits", "--outcomes", s / "unlearning",
+                *STUDY, "--anchors", s / "anchors", "--out", s], "--anchors"),
+], ids=["validate-into-its-outcomes", "score-into-its-circuits", "report-inside-its-outcomes",
+        "validate-over-its-anchors"])
 def test_3_out_holding_an_input_is_refused(command, option, stages, tmp_path):
     """Failure 3: ``cud validate --outcomes U --out U`` overwrites files it reads
     (``agreement_nll_delta.csv``); any command's ``--out`` may be (or hold) one of its inputs.
@@ -306,6 +309,21 @@ def test_3_out_holding_an_input_is_refused(command, option, stages, tmp_path):
     before = digest(copy)
     one_line_error(invoke(*command(copy)), option, "holds the input")
     assert digest(copy) == before
+
+
+def test_3_inputs_in_other_folders_under_out_are_fine(stages, tmp_path):
+    """The README's ``cud validate --circuits cud-out/circuits --outcomes cud-out/unlearning
+    ... --out cud-out`` writes beside its inputs, never into them: still accepted, and the
+    inputs are left as they were."""
+    import shutil
+    for name in ("circuits", "unlearning"):
+        shutil.copytree(stages / name, tmp_path / name)
+    before = (digest(tmp_path / "circuits"), digest(tmp_path / "unlearning"))
+    result = invoke("validate", "--circuits", tmp_path / "circuits", "--outcomes",
+                    tmp_path / "unlearning", *STUDY, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert (digest(tmp_path / "circuits"), digest(tmp_path / "unlearning")) == before
+    assert (tmp_path / "study.json").exists() and (tmp_path / "anchors").is_dir()
 
 
 # --- 4. a circuits folder holds the samples asked, and only those are scored ---------------------

@@ -77,7 +77,8 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: output path exists and is not a folder")
-    check_out(out, {"data": config.data}, "out")
+    check_out(out, {"data": config.data}, "out", writes=("forget.csv", "retain.csv", "run.json")
+              + STAGE_FOLDERS)
     with contextlib.ExitStack() as held:
         held.enter_context(folder_lock(out))   # one run at a time in the folder
         return _run(config, out, say, held)

@@ -289,7 +289,8 @@ def validate(
         "--circuits": circuits, "--outcomes": outcomes, "--baselines": baselines,
         "--anchors": anchors, "--retest": retest, "--pilots": pilots, "--prices": prices,
         **({"--data": data} if split_method else {}),
-        **{f"--other {name}=": path for name, path in paths.items()}})
+        **{f"--other {name}=": path for name, path in paths.items()}},
+        writes=("anchors", "scores"))
     cs = load_circuits(circuits)
     others = {name: load_circuits(path) for name, path in paths.items()}
     check_same_texts(cs, outcomes)
