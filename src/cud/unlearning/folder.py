@@ -3,6 +3,8 @@ forget set, written to a folder, one sub-folder per method (the layout
 :func:`cud.difficulty.groundtruth.read_outcomes` reads)::
 
     unlearning.json                which model and which forget / retain sets the folder is for
+                                   (and the text hash of each forget sample: `cud validate`
+                                   refuses circuits of other texts)
     before.parquet/.csv            forget-set outcomes of the model before unlearning
     retain_before.parquet/.csv     its retain-set NLL, probability, exact memorisation
     <method>/outcomes.parquet/.csv per-sample deltas and steps to forget
