@@ -292,16 +292,17 @@ def test_2_refused_rerun_of_cud_run_changes_no_file(model_dir, tmp_path):
     (lambda s: ["score", "--circuits", s / "circuits", "--anchors", s / "anchors",
                 "--out", s / "circuits"], "--circuits"),
     (lambda s: ["report", "--circuits", s / "circuits", "--outcomes", s / "unlearning",
-                "--out", s / "unlearning" / "report"], "--outcomes"),
+                "--out", s / "unlearning"], "--outcomes"),
     (lambda s: ["validate", "--circuits", s / "circuits", "--outcomes", s / "unlearning",
                 *STUDY, "--anchors", s / "anchors", "--out", s], "--anchors"),
-], ids=["validate-into-its-outcomes", "score-into-its-circuits", "report-inside-its-outcomes",
+], ids=["validate-into-its-outcomes", "score-into-its-circuits", "report-into-its-outcomes",
         "validate-over-its-anchors"])
 def test_3_out_holding_an_input_is_refused(command, option, stages, tmp_path):
     """Failure 3: ``cud validate --outcomes U --out U`` overwrites files it reads
     (``agreement_nll_delta.csv``); any command's ``--out`` may be (or hold) one of its inputs.
-    Expected after the fix: refused in one line (exit 2) naming the input's option, and no
-    file of the inputs changes."""
+    Expected after the fix: an ``--out`` that is an input, or would write over one (validate
+    writes ``anchors/`` inside its ``--out``), is refused in one line (exit 2) naming the
+    input's option, and no file of the inputs changes."""
     import shutil
     copy = tmp_path / "stages"
     for name in ("circuits", "unlearning", "anchors"):

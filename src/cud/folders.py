@@ -134,17 +134,16 @@ def _inside(path: Path, folder: Path) -> bool:
 def check_out(out: str | Path, inputs: Mapping[str, str | Path | None],
               option: str = "--out", writes: tuple[str, ...] = ()) -> None:
     """Refuse an output folder that is one of the ``inputs`` (``{option: path}``; None and
-    what is not a path, e.g. ``builtin:20``, skipped), lies inside one, or holds one where the
-    command writes (``writes``: the files and folders it writes inside ``out`` besides its own
-    tables, e.g. ``anchors``): the command would overwrite or mix what it reads. Inputs in
-    other folders under ``out`` (``--circuits cud-out/circuits --out cud-out``) are left
-    alone, as the command never writes there."""
+    what is not a path, e.g. ``builtin:20``, skipped) or holds one where the command writes
+    (``writes``: the files and folders it writes inside ``out`` besides its own tables, e.g.
+    ``anchors``): the command would overwrite or mix what it reads. Inputs in other folders
+    under ``out`` (``--circuits cud-out/circuits --out cud-out``) are left alone, as the
+    command never writes there."""
     target = Path(os.path.realpath(Path(out).expanduser()))
     for name, value in inputs.items():
         if value is None or not str(value).strip() or not Path(str(value)).expanduser().exists():
             continue  # not a path (builtin:20, a bundled model's name): nothing to overwrite
         source = Path(os.path.realpath(Path(str(value)).expanduser()))
-        written = [target / w for w in writes]
-        if _inside(target, source) or any(_inside(source, w) for w in written):
+        if source == target or any(_inside(source, target / w) for w in writes):
             raise ConfigError(f"{option} {out} holds the input {name} {value}: the command "
                               f"would overwrite what it reads; give another {option} folder")

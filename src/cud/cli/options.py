@@ -102,8 +102,8 @@ def parse_params(params: list[str]) -> dict:
 def out_folder(out: str, option: str = "--out", inputs: dict | None = None,
                writes: tuple[str, ...] = ()) -> Path:
     """An output folder option: never empty (an empty path would mean the current folder),
-    never one of the command's ``inputs`` (``{option: path}``) nor inside one, nor holding one
-    where the command writes (:func:`cud.folders.check_out`)."""
+    never one of the command's ``inputs`` (``{option: path}``) nor holding one where the
+    command writes (``writes``; :func:`cud.folders.check_out`)."""
     if not str(out).strip():
         raise ConfigError(f"{option} is empty; give the folder to write into")
     if inputs:

@@ -56,7 +56,8 @@ def report(
     folder = out_folder(out, inputs={"--circuits": circuits, "--scores": scores,
                                      "--anchors": anchors, "--outcomes": outcomes,
                                      "--baselines": baselines, "--validation": validation,
-                                     "--data": data})
+                                     "--data": data},
+                        writes=("figures", "tables", "report.html"))
     inputs = load_report_inputs(circuits=circuits, cud=scores, distance=distance,
                                 anchors=anchors, unlearn=outcomes, methods=csv_list(method),
                                 baselines=baselines, validation=validation, data=data,
