@@ -7,16 +7,12 @@ into place, so a killed run never leaves half a table behind.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from cud.errors import DataError, StoreError
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
+from cud.folders import replacing
 
 
 def write_csv(table: pd.DataFrame, path: str | Path, *, index: bool = True) -> None:
@@ -53,12 +49,8 @@ def save_table(table: pd.DataFrame, path: str | Path, *, index: bool | None = No
         parquet, text = path.with_suffix(".parquet"), path.with_suffix(".csv")
         for target, write in ((parquet, lambda p: table.to_parquet(p, index=keep_index)),
                               (text, lambda p: write_csv(table, p, index=keep_index))):
-            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-            try:
+            with replacing(target) as tmp:
                 write(tmp)
-                _replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
     except OSError as e:
         raise StoreError(f"{path.parent}: cannot write {path.name} ({e.strerror or e})") from None
     return parquet, text

@@ -59,7 +59,7 @@ def baselines(
     wanted = None if metrics in (None, "all") else tuple(csv_list(metrics))
     settings = settings_from(BaselineSettings, metrics=wanted, min_k=min_k, mrd_k=mrd_k,
                              mrd_sigma=mrd_sigma, mrd_tokens=mrd_tokens, seed=seed)
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--data": data})
     samples = load_samples(data, split=split, limit=limit,
                            text=text_settings(prefix_tokens, max_tokens))
     say_text_cuts(samples, model)
@@ -67,16 +67,18 @@ def baselines(
     with progress_bars() as bar:
         if to_ray:
             from cud.runtime.distributed import baseline_metrics_distributed
+            from cud.folders import folder_lock
             from cud.tables import save_table
             if finetune_first:
                 from cud.unlearning.finetune import finetune
                 model = str(finetune(model, samples, device=device, keep_model=False,
                                      progress=bar).path)
-            table = baseline_metrics_distributed(model, samples, settings,
-                                                 work_dir=folder / ".work", workers=workers,
-                                                 address=ray_address, device=device,
-                                                 dtype=dtype, progress=bar)
-            save_table(table, folder / "baselines")
+            with folder_lock(folder):
+                table = baseline_metrics_distributed(model, samples, settings,
+                                                     work_dir=folder / ".work",
+                                                     workers=workers, address=ray_address,
+                                                     device=device, dtype=dtype, progress=bar)
+                save_table(table, folder / "baselines")
         else:
             lm = load_or_teach(model, samples, finetune_first, device, dtype)
             table = baselines_to_folder(lm, samples, folder, settings, progress=bar)

@@ -79,7 +79,7 @@ def circuits(
                              convention=convention,
                              selection=selection, n_edges=n_edges, threshold=threshold,
                              faithfulness=faithful, batch_size=batch_size, seed=seed)
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--data": data, "--reference": reference})
     text = text_settings(prefix_tokens, max_tokens)
     samples = load_samples(data, split=split, limit=limit, text=text)
     ref = load_qa(reference, text=text) if reference else None
@@ -124,3 +124,8 @@ def _summary(run, settings: CircuitSettings) -> None:
                       f"{settings.ablation} ({settings.draws} draw(s)), selection "
                       f"{settings.selection}")
     console.print(f"results in {run.root} (samples.parquet, shards/, edges.txt, manifest.json)")
+    if run.n_other:
+        console.print(f"{run.root} holds the circuits of these {len(t)} samples (ids.json); "
+                      f"{run.n_other} circuits of other samples, from earlier runs into it, "
+                      f"are kept for reuse but not read by `cud anchors`, `cud score` or "
+                      f"`cud validate`")

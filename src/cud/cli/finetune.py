@@ -59,6 +59,8 @@ def finetune(
                              lora=lora, lora_r=lora_r, bf16=bf16, seed=seed,
                              cache_dir=cache_dir)
     text = text_settings(prefix_tokens, max_tokens)
+    if out:  # refused before any work
+        out_folder(out, inputs={"--data": data})
     if data.startswith("tofu:"):
         if split is not None:
             raise ConfigError(f"--split does not apply to TOFU data ({data}): its splits are "

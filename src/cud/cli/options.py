@@ -120,10 +120,16 @@ def parse_params(params: list[str]) -> dict:
     return out
 
 
-def out_folder(out: str, option: str = "--out") -> Path:
-    """An output folder option: never empty (an empty path would mean the current folder)."""
+def out_folder(out: str, option: str = "--out", inputs: dict | None = None,
+               writes: tuple[str, ...] = ()) -> Path:
+    """An output folder option: never empty (an empty path would mean the current folder),
+    never one of the command's ``inputs`` (``{option: path}``) nor holding one where the
+    command writes (``writes``; :func:`cud.folders.check_out`)."""
     if not str(out).strip():
         raise ConfigError(f"{option} is empty; give the folder to write into")
+    if inputs:
+        from cud.folders import check_out
+        check_out(out, inputs, option, writes)
     return Path(out)
 
 

@@ -109,7 +109,8 @@ def pilot(
     if unlearning is not None:
         changes, rates = _calibrated(unlearning, base.methods)
         base = settings_from(UnlearningSettings, base, **changes)
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--data": data, "--forget": forget,
+                                     "--unlearning": unlearning})
     sets = forget_and_retain(data, forget=forget, split=split, limit=limit,
                              forget_fraction=forget_fraction, retain_authors=retain_authors,
                              seed=seed, text=text_settings(prefix_tokens, max_tokens))

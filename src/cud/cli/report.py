@@ -54,7 +54,11 @@ def report(
     if not any([circuits, scores, outcomes, baselines, validation]):
         raise ConfigError("nothing to report: give at least one of --circuits, --scores, "
                           "--outcomes, --baselines, --validation")
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--circuits": circuits, "--scores": scores,
+                                     "--anchors": anchors, "--outcomes": outcomes,
+                                     "--baselines": baselines, "--validation": validation,
+                                     "--data": data},
+                        writes=("figures", "tables", "report.html"))
     inputs = load_report_inputs(circuits=circuits, cud=scores, distance=distance,
                                 anchors=anchors, unlearn=outcomes, methods=csv_list(method),
                                 baselines=baselines, validation=validation, data=data,

@@ -132,7 +132,7 @@ def unlearn(
                              save_model=save_model, strategy=strategy, difficulty=difficulty,
                              circuits=circuits, curriculum_order=curriculum_order,
                              focus_every=focus_every, localize_k=localize_k)
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--data": data, "--forget": forget})
     sets = forget_and_retain(data, forget=forget, split=split, limit=limit,
                              forget_fraction=forget_fraction, retain_authors=retain_authors,
                              seed=seed, text=text_settings(prefix_tokens, max_tokens))

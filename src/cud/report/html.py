@@ -24,6 +24,7 @@ from cud.circuits.export import json_file_name
 from cud.circuits.graph import Graph
 from cud.difficulty.groundtruth import indexed_by_id
 from cud.errors import ConfigError
+from cud.folders import folder_lock
 from cud.progress import Progress
 from cud.tables import write_csv
 from cud.report import figures as F
@@ -210,9 +211,14 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
     unlearning and its change); the first also defines a method's *hard* samples for the ROC
     curves (forgetting below that method's median). ``draw``: sample ids whose circuits are drawn
     (default: the easiest and hardest evaluated sample by CUD). ``n_extremes``: rows of the
-    hardest/easiest tables. ``progress`` (task ``report``) is called before each figure."""
+    hardest/easiest tables. ``progress`` (task ``report``) is called before each figure. One
+    process at a time writes into ``out_dir`` (:func:`~cud.folders.folder_lock`)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir):
+        return _build_report(inputs, out_dir, title, outcomes, draw, n_extremes, dpi, progress)
+
+
+def _build_report(inputs, out_dir, title, outcomes, draw, n_extremes, dpi, progress) -> Report:
     b = _Builder(out_dir, dpi, progress)
     cud_table = _indexed(inputs.cud)
     if cud_table is not None and "cud" not in cud_table.columns:
