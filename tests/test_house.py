@@ -13,7 +13,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "cud"
 
 #: floor of each top-level part of the package, lowest first (ARCHITECTURE.md's floors)
 FLOORS = {
-    "errors": 0, "progress": 0, "tables": 0, "statistics": 0, "prices": 0,
+    "errors": 0, "limits": 0, "progress": 0, "tables": 0, "statistics": 0, "prices": 0,
+    "folders": 0,
     "data": 1, "models": 2, "circuits": 3, "unlearning": 4, "difficulty": 5, "analysis": 6,
     "report": 7, "runtime": 8, "config": 9, "workflow": 10, "cli": 11, "__init__": 12,
 }

@@ -198,8 +198,10 @@ def test_long_texts_are_cut_with_a_notice(tmp_path):
 
 
 def test_a_text_too_short_for_a_continuation_names_file_line_and_field(tmp_path):
+    """A one-token text cannot be split (a text shorter than the prefix gets half its tokens as
+    the prefix: tests/test_failures_found_3.py)."""
     tok = tiny_tokenizer()
-    path = write_jsonl(tmp_path / "short.jsonl", [{"text": TEXTS[0]}, {"text": "Too short."}])
+    path = write_jsonl(tmp_path / "short.jsonl", [{"text": TEXTS[0]}, {"text": "T"}])
     samples = load_qa(path)  # the split is in the model's tokens: found when encoding
     with pytest.raises(DataError) as err:
         encode_sample(tok, samples[1])
@@ -393,7 +395,8 @@ def test_anchors_score_validate_and_report_on_texts(stages, texts, tmp_path):
 
 
 def test_a_short_text_is_refused_in_one_line_before_any_work(tiny_folder, tmp_path):
-    data = write_jsonl(tmp_path / "short.jsonl", [{"text": TEXTS[0]}, {"text": "Too short."}])
+    """A one-token text: too short to split at all."""
+    data = write_jsonl(tmp_path / "short.jsonl", [{"text": TEXTS[0]}, {"text": "T"}])
     result = runner.invoke(app, ["baselines", "--model", tiny_folder, "--data", str(data),
                                  "--out", str(tmp_path / "b")])
     assert result.exit_code == 2, result.output

@@ -26,10 +26,12 @@ from typing import Any
 from cud.analysis.stage import AnalysisSettings
 from cud.circuits.settings import CircuitSettings
 from cud.data.prepare import DEFAULT_FORGET_FRACTION
+from cud.data.text import TextSettings
 from cud.difficulty.baselines import BaselineSettings
 from cud.difficulty.pilot import PilotSettings
 from cud.difficulty.study import StudySettings
-from cud.errors import ConfigError
+from cud.errors import ConfigError, shown
+from cud.limits import MAX_SEED, check_seed
 from cud.report.html import ReportSettings
 from cud.unlearning.finetune import FinetuneSettings
 from cud.unlearning.folder import UnlearningSettings
@@ -51,7 +53,9 @@ class RunConfig:
     section); ``strategy_difficulty``: the difficulty it reads and whose top quartile is the
     predicted-hard one: ``cud`` (the run's CUD score), ``loss`` or ``TABLE:COLUMN``. The
     strategy's own settings (``focus_every``, ...) are the ``[unlearning]`` section's; that
-    section's ``strategy`` stays plain in a run (the plain methods are the ground truth)."""
+    section's ``strategy`` stays plain in a run (the plain methods are the ground truth).
+    ``text``: how plain-text samples are split and cut (``[text] prefix_tokens``,
+    ``max_tokens``: :class:`cud.data.text.TextSettings`)."""
 
     model: str = "smollm2"
     data: str = "builtin"
@@ -66,6 +70,7 @@ class RunConfig:
     preset: str = "default"
     strategy: str = "plain"
     strategy_difficulty: str = "cud"
+    text: TextSettings = field(default_factory=TextSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     circuits: CircuitSettings = field(default_factory=CircuitSettings)
     unlearning: UnlearningSettings = field(default_factory=UnlearningSettings)
@@ -80,6 +85,10 @@ class RunConfig:
             raise ConfigError(f"limit must be at least 1, got {self.limit}")
         if not 0 < self.forget_fraction < 1:
             raise ConfigError(f"forget_fraction must be in (0, 1), got {self.forget_fraction}")
+        check_seed(self.seed)
+        if self.retest and self.seed == MAX_SEED:  # the retest's circuits use seed + 1
+            raise ConfigError(f"seed must be below {MAX_SEED} with retest (the second "
+                              f"measurement uses seed + 1)")
         if not str(self.out).strip():
             raise ConfigError("out: the output folder is empty")
         check_strategy(self.strategy)
@@ -159,30 +168,30 @@ def _coerce(value: Any, default: Any, annotation: str, where: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {shown(value)}")
         inner = "int" if "int" in annotation else "float" if "float" in annotation else "str"
         return tuple(_coerce(v, None, inner, where) for v in value)
     if isinstance(default, dict) or annotation.startswith("dict"):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
+            raise ConfigError(f"{where}: expected a table, got {shown(value)}")
         return dict(value)
     if "bool" in kinds:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {shown(value)}")
         return value
     if "int" in kinds:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {shown(value)}")
         return value
     if "float" in kinds:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {shown(value)}")
         return float(value)
     if "str" in kinds:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {shown(value)}")
         return value
-    raise ConfigError(f"{where}: unexpected value {value!r}")
+    raise ConfigError(f"{where}: unexpected value {shown(value)}")
 
 
 def _replace_checked(obj: Any, changes: dict[str, Any], where: str) -> Any:
@@ -226,6 +235,79 @@ def with_preset(name: str, config: RunConfig | None = None) -> RunConfig:
     return apply(replace(config or RunConfig(), preset=name), PRESETS[name], f"preset {name}")
 
 
+#: the most nodes a YAML config may hold with every alias expanded: a config is a few dozen
+#: settings, and a few hundred bytes of nested aliases (an "alias bomb") expand to billions
+MAX_YAML_NODES = 10_000
+
+
+def _read_yaml(text: str, path: Path) -> Any:
+    """A YAML document with the safe loader, refusing a key given twice in one mapping (the
+    safe loader keeps the last silently) and aliases that expand past :data:`MAX_YAML_NODES`
+    nodes; errors name the file and line."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<": merged, then overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the safe loader names it
+                    break
+                if first is not None:
+                    raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: "
+                                      f"{shown(key)} is given twice in one table (first on "
+                                      f"line {first})")
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node)
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"{path}: its aliases expand to {size} values (at most "
+                              f"{MAX_YAML_NODES}); write the settings out")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML "
+                          f"({getattr(e, 'problem', None) or e})") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root) -> int:
+    """Nodes of a composed YAML tree with every alias expanded (an alias is the anchored node
+    object itself), counted without expanding: each distinct node's size once."""
+    import yaml
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            sizes[id(node)] = 1
+            continue
+        if done:
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+        else:
+            stack.append((node, True))
+            stack += [(c, False) for c in children if id(c) not in sizes]
+    return sizes[id(root)]
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Parse a ``.toml`` or ``.yaml``/``.yml`` file into a dict; errors name the file."""
     path = Path(path)
@@ -243,14 +325,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML ({e})") from None
     elif suffix in (".yaml", ".yml"):
-        import yaml
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: invalid YAML "
-                              f"({getattr(e, 'problem', None) or e})") from None
+        data = _read_yaml(text, path)
     else:
         raise ConfigError(f"{path}: unknown config format (use .toml, .yaml or .yml)")
     if data is None:

@@ -36,3 +36,21 @@ class StoreError(CudError):
 
 class NumericalError(CudError):
     """A computation produced NaN or infinite values (e.g. overflow in a low-precision dtype)."""
+
+
+#: the most characters of a value an error message echoes
+SHOWN_CHARS = 80
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters (``...`` after): a
+    huge value (a YAML alias bomb, a pasted file) is named by its beginning, never echoed
+    whole. Nested containers are abbreviated while the text is built (:mod:`reprlib`), so a
+    deep or wide value costs no memory to show."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit + 3
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = 8
+    r.maxlevel = 3
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from cud.folders import write_text
 
 FILE = "prices.json"
 
@@ -42,9 +43,7 @@ def record_price(folder: str | Path, estimate: str, seconds: float, samples: int
     table[estimate] = {"seconds": round(total, 4), "samples": n,
                        "seconds_per_sample": total / n, "what": what}
     root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{FILE}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
     return table[estimate]
 
 

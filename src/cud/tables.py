@@ -6,16 +6,33 @@ into place, so a killed run never leaves half a table behind.
 
 from __future__ import annotations
 
-import os
+import csv
 from pathlib import Path
 
 import pandas as pd
 
 from cud.errors import DataError, StoreError
+from cud.folders import replacing
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
+def write_csv(table: pd.DataFrame, path: str | Path, *, index: bool = True) -> None:
+    """``table`` as CSV that reads back the same (:func:`read_csv`): every text cell quoted, so
+    a value with a comma, quote, tab, newline or carriage return stays one cell of one row (the
+    header, the column names, is quoted only where it needs to be, as before)."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        table.head(0).to_csv(f, index=index)
+        table.to_csv(f, index=index, header=False, quoting=csv.QUOTE_NONNUMERIC)
+
+
+def read_csv(path: str | Path, **kwargs) -> pd.DataFrame:
+    """A CSV file as :func:`write_csv` writes it (any other CSV too); an ``id`` column is read
+    as text, verbatim (``NA``, ``001`` and the empty id stay what they were)."""
+    table = pd.read_csv(path, **kwargs)
+    if "id" in table.columns:
+        table["id"] = pd.read_csv(path, usecols=["id"], dtype=str, keep_default_na=False,
+                                  **{k: v for k, v in kwargs.items() if k != "index_col"}
+                                  )["id"].to_numpy()
+    return table
 
 
 def save_table(table: pd.DataFrame, path: str | Path, *, index: bool | None = None
@@ -29,18 +46,14 @@ def save_table(table: pd.DataFrame, path: str | Path, *, index: bool | None = No
     keep_index = table.index.name is not None if index is None else index
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        parquet, csv = path.with_suffix(".parquet"), path.with_suffix(".csv")
+        parquet, text = path.with_suffix(".parquet"), path.with_suffix(".csv")
         for target, write in ((parquet, lambda p: table.to_parquet(p, index=keep_index)),
-                              (csv, lambda p: table.to_csv(p, index=keep_index))):
-            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-            try:
+                              (text, lambda p: write_csv(table, p, index=keep_index))):
+            with replacing(target) as tmp:
                 write(tmp)
-                _replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
     except OSError as e:
         raise StoreError(f"{path.parent}: cannot write {path.name} ({e.strerror or e})") from None
-    return parquet, csv
+    return parquet, text
 
 
 def read_table(path: str | Path, *, what: str = "table", names: tuple[str, ...] = ()
@@ -58,7 +71,7 @@ def read_table(path: str | Path, *, what: str = "table", names: tuple[str, ...] 
     if not path.is_file():
         raise DataError(f"no such {what} file", file=str(path))
     try:
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else read_csv(path)
     except Exception as e:  # pyarrow and pandas raise many types for a damaged file
         raise DataError(f"unreadable {what} table ({type(e).__name__}: {e})",
                         file=str(path)) from None

@@ -15,6 +15,7 @@ seconds never hide what it cost when it did its work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,7 @@ import pandas as pd
 from cud.config import RunConfig, apply, load_config, with_preset
 from cud.data.prepare import RunData, load_run_data
 from cud.errors import ConfigError
+from cud.folders import check_out, folder_lock, write_text
 from cud.progress import Progress, silent
 
 STAGES = ("data", "model", "circuits", "retest", "unlearning", "pilots", "baselines",
@@ -76,20 +78,36 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: output path exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out, {"data": config.data}, "out", writes=("forget.csv", "retain.csv", "run.json")
+              + STAGE_FOLDERS)
+    with contextlib.ExitStack() as held:
+        held.enter_context(folder_lock(out))   # one run at a time in the folder
+        return _run(config, out, say, held)
+
+
+def _run(config: RunConfig, out: Path, say: Progress, held: contextlib.ExitStack
+         ) -> RunResult:
     result = RunResult(out=out, config=config)
     clock = _Clock(result, say)
 
     with clock("data"):
         data = load_run_data(config.data, limit=config.limit,
                              retain_authors=config.retain_authors,
-                             forget_fraction=config.forget_fraction, seed=config.seed)
+                             forget_fraction=config.forget_fraction, seed=config.seed,
+                             text=config.text)
         result.n_forget, result.n_retain = len(data.forget), len(data.retain)
-        _samples_table(data.forget).to_csv(out / "forget.csv", index=False)
-        _samples_table(data.retain).to_csv(out / "retain.csv", index=False)
 
     with clock("model"):
         lm = _model(config, data, say, result)
+
+    # every stage's refusal (other settings, model or data) before anything is written
+    _check_stages(config, out, lm, data)
+    for stage in _locked_stages(config):   # and no other process writes into them meanwhile
+        held.enter_context(folder_lock(out / stage))
+    _samples_table(data.forget).to_csv(out / "forget.csv", index=False)
+    _samples_table(data.retain).to_csv(out / "retain.csv", index=False)
+    clock.writing = True
+    clock.write(out)
 
     with clock("circuits"):
         from cud.circuits import find_circuits, load_circuits
@@ -173,12 +191,48 @@ def run(config: RunConfig | str | Path | dict | None = None, *,
     return result
 
 
+def _check_stages(config: RunConfig, out: Path, lm, data: RunData) -> None:
+    """Whatever a stage would refuse in ``out`` (results of other settings, another model or
+    other data), found before any stage writes, so a refused run changes no file."""
+    from cud.circuits.pipeline import check_circuit_folder
+    from cud.unlearning.folder import check_unlearning_folder
+    for stage in STAGE_FOLDERS:
+        if (out / stage).exists() and not (out / stage).is_dir():
+            raise ConfigError(f"{out / stage}: exists and is not a folder; use another out")
+    circuits = config.stage("circuits")
+    check_circuit_folder(lm, out / "circuits", circuits)
+    if config.retest:
+        check_circuit_folder(lm, out / "circuits-retest",
+                             replace(circuits, seed=circuits.seed + 1))
+    unlearning = config.stage("unlearning")
+    check_unlearning_folder(lm, data.forget, data.retain, out / "unlearning", unlearning)
+    if config.pilots.enabled:
+        from cud.difficulty.pilot import calibrated_rates, check_pilots_folder
+        check_pilots_folder(lm, data.forget, data.retain, out / "pilots", config.pilots,
+                            unlearning, rates=calibrated_rates(out / "unlearning"))
+
+
+#: the stage folders of a run (the circuits folders take their own short lock, shared with
+#: the workers of a distributed run)
+STAGE_FOLDERS = ("circuits", "circuits-retest", "unlearning", "pilots", "baselines",
+                 "validation", "anchors", "scores", "analysis", "report")
+
+
+def _locked_stages(config: RunConfig) -> list[str]:
+    """The stage folders this run writes into, locked for the whole run."""
+    skip = {"pilots": not config.pilots.enabled, "baselines": not config.baselines.enabled,
+            "report": not config.report.enabled}
+    return [s for s in STAGE_FOLDERS if not s.startswith("circuits") and not skip.get(s)]
+
+
 class _Clock:
-    """Times each stage, reports its start and end, and keeps ``run.json`` up to date."""
+    """Times each stage, reports its start and end, and keeps ``run.json`` up to date (once
+    every stage's folder has been checked: a refused run leaves it as it was)."""
 
     def __init__(self, result: RunResult, say: Progress):
         self.result, self.say = result, say
         self.earlier = _earlier_sittings(result.out / "run.json", result.config)
+        self.writing = False
 
     def __call__(self, stage: str):
         clock = self
@@ -193,7 +247,8 @@ class _Clock:
                 if kind is None:
                     clock.result.seconds[stage] = round(seconds, 2)
                     clock.say(stage, 1, 1, f"done in {seconds:.1f} s")
-                    clock.write(clock.result.out)
+                    if clock.writing:
+                        clock.write(clock.result.out)
                 return False
 
         return _Stage()
@@ -205,7 +260,7 @@ class _Clock:
         for sitting in sittings:
             for stage, seconds in sitting.items():
                 every[stage] = round(every.get(stage, 0.0) + float(seconds), 2)
-        (out / "run.json").write_text(json.dumps({
+        write_text(out / "run.json", json.dumps({
             "config": r.config.to_dict(), "seconds": r.seconds,
             "total_seconds": round(sum(r.seconds.values()), 2),
             "sittings": sittings, "seconds_all_sittings": every,

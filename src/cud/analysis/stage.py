@@ -15,6 +15,7 @@ from cud.circuits.store import CircuitSet
 from cud.circuits.structure import structure_statistics
 from cud.difficulty.groundtruth import difficulty
 from cud.errors import ConfigError
+from cud.folders import folder_lock
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,11 @@ def analyze_to_folder(circuits: CircuitSet, out: str | Path,
     """Structure statistics of ``circuits`` and their comparisons, written to ``out``.
     ``anchors``: ``{"easy": ids, "hard": ids}``; ``cud``: CUD per id; ``outcomes``:
     ``{method: outcome table}`` (every outcome of ``settings.outcomes`` for every method)."""
-    cs = circuits
+    with folder_lock(out):  # one process at a time writes into ``out``
+        return _analyze_to_folder(circuits, out, settings, anchors, cud, outcomes)
+
+
+def _analyze_to_folder(cs, out, settings, anchors, cud, outcomes) -> StructureAnalysis:
     stats = structure_statistics(cs.graph, cs.circuits.numpy(), ids=cs.ids)
     difficulties = {f"{m} {o}": difficulty(t, o, source=m)
                     for o in settings.outcomes for m, t in (outcomes or {}).items()}

@@ -54,14 +54,30 @@ class CircuitRun:
     n_skipped: int
     seconds: float
     batch_size: int               # the batch size at the end (lower after an out-of-memory)
+    n_other: int = 0              # circuits of other samples kept in the folder, not held
+
+
+def _store_settings(lm: LoadedModel, settings: CircuitSettings) -> dict:
+    return {"model": lm.name, "model_fingerprint": model_fingerprint(lm),
+            "scores_version": SCORES_VERSION, **settings.to_dict()}
 
 
 def circuit_store(lm: LoadedModel, out: str | Path, settings: CircuitSettings) -> CircuitStore:
     """Open the folder ``out`` for circuits of ``settings`` on ``lm`` (created, or resumed when it
     holds results of the same settings and model; refused otherwise)."""
-    store_settings = {"model": lm.name, "model_fingerprint": model_fingerprint(lm),
-                      "scores_version": SCORES_VERSION, **settings.to_dict()}
-    return CircuitStore.open(out, store_settings, ResidualRunner(lm.adapter).graph)
+    return CircuitStore.open(out, _store_settings(lm, settings), ResidualRunner(lm.adapter).graph)
+
+
+def check_circuit_folder(lm: LoadedModel, out: str | Path, settings: CircuitSettings) -> None:
+    """What :func:`find_circuits` would refuse (a folder of other settings, model or graph),
+    found without writing anything (`cud run` checks every stage before any writes)."""
+    CircuitStore.check(out, _store_settings(lm, settings), ResidualRunner(lm.adapter).graph)
+
+
+def other_samples(store: CircuitStore, ids: Sequence[str]) -> int:
+    """How many samples besides ``ids`` have circuits stored in the folder (kept, not held)."""
+    rows = store.rows()
+    return len(set(rows["id"]) - set(ids)) if not rows.empty else 0
 
 
 def plan_batches(lm: LoadedModel, samples: Sequence[QASample], batch_size: int
@@ -89,6 +105,8 @@ def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
     start = time.perf_counter()
     runner = ResidualRunner(lm.adapter)
     store = circuit_store(lm, out, settings)
+    if only_batches is None:  # a worker of a distributed run leaves that to its driver
+        store.hold([s.id for s in samples])
     batch_size = settings.batch_size
     report = within(progress, "circuits")
 
@@ -130,8 +148,9 @@ def find_circuits(lm: LoadedModel, samples: Sequence[QASample], out: str | Path,
     else:
         table = store.rows().set_index("id").reindex(
             [s.id for s in samples if s.id in mine]).reset_index()
+    n_other = other_samples(store, [s.id for s in samples]) if only_batches is None else 0
     return CircuitRun(Path(out), table, computed, total - computed,
-                      time.perf_counter() - start, batch_size)
+                      time.perf_counter() - start, batch_size, n_other)
 
 
 def _ablation(lm: LoadedModel, runner: ResidualRunner, settings: CircuitSettings,

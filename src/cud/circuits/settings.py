@@ -11,6 +11,14 @@ from cud.circuits.ablation import ABLATIONS
 from cud.circuits.attribution import AttributionSettings, check_method_and_ablation
 from cud.circuits.selection import SelectionSettings
 from cud.errors import ConfigError
+from cud.limits import check_count, check_seed
+
+#: the most integration steps, corrupted-prompt draws and samples per pass a run may ask for:
+#: each step and draw is a pass over every sample, so a larger value is a typo that would run
+#: for days (the paper's EAP-IG uses 5 to 100 steps)
+MAX_STEPS = 1000
+MAX_DRAWS = 1000
+MAX_BATCH = 65_536
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,8 @@ class CircuitSettings:
       the circuits of each size are, e.g. to choose a size; nothing without faithfulness);
     - ``batch_size``: samples per pass; part of the result (a batch rounds differently), so a
       folder is resumed only with the batch size it was started with.
+
+    Maxima: :data:`MAX_STEPS`, :data:`MAX_DRAWS`, :data:`MAX_BATCH`; ``seed`` in 0..2^32-1.
     """
 
     method: str = "eap-ig-activations"
@@ -51,6 +61,10 @@ class CircuitSettings:
     batch_size: int = 8
 
     def __post_init__(self):
+        check_count(self.steps, "steps", MAX_STEPS)
+        check_count(self.draws, "draws", MAX_DRAWS)
+        check_count(self.batch_size, "batch_size", MAX_BATCH)
+        check_seed(self.seed)
         self.attribution, self.selector  # validated there
         if self.ablation not in ABLATIONS:
             raise ConfigError(f"unknown ablation '{self.ablation}' "

@@ -8,6 +8,12 @@ Layout of a folder (format version :data:`FORMAT_VERSION`)::
     shards/scores-<key>.safetensors   edge_scores (B, E) float32 and circuits (B, E) bool of one batch
     shards/rows-<key>.parquet         one row per sample of that batch (id, faithfulness, ...)
     samples.parquet, samples.csv  the per-sample table of the whole run, written at the end
+    ids.json                      the samples the folder holds: those its last run asked for
+
+A folder holds the samples its last run asked for (``ids.json``, written when the run starts):
+readers (`cud anchors`, `cud score`, `cud validate`) see those, in that order. Circuits of
+other samples computed into the folder by an earlier run stay in ``shards/`` and are reused if
+asked for again, but are never read back with the folder's samples.
 
 A shard is committed when its rows file exists: the tensor file is written first, the rows file
 last, each to a temporary name and renamed (atomic on POSIX; a failed write removes its
@@ -21,13 +27,11 @@ lock on the folder, so two runs started at once into one folder cannot both clai
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -36,14 +40,15 @@ from torch import Tensor
 from cud.circuits.graph import Graph
 from cud.data.samples import QASample
 from cud.errors import StoreError
+from cud.folders import folder_lock, replacing, write_bytes
 from cud.tables import save_table
 
 FORMAT_VERSION = 2
-LOCK = ".lock"
 MANIFEST = "manifest.json"
 EDGES = "edges.txt"
 SHARDS = "shards"
 TABLE = "samples"
+IDS = "ids.json"
 
 
 def settings_hash(settings: dict) -> str:
@@ -61,32 +66,10 @@ def text_hash(sample: QASample) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_bytes(path, data, sync=True)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise StoreError(f"{path.parent}: cannot write {path.name} ({e.strerror or e})") from None
-
-
-@contextlib.contextmanager
-def folder_lock(root: Path) -> Iterator[None]:
-    """An exclusive lock on the folder ``root`` (a ``.lock`` file), held for the block."""
-    import fcntl
-    try:
-        handle = open(root / LOCK, "a")
-    except OSError as e:
-        raise StoreError(f"{root}: cannot lock the folder ({e.strerror or e})") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -133,24 +116,36 @@ class CircuitStore:
         when it holds results of the same settings; refuse it otherwise."""
         root = Path(root)
         _ensure_folder(root)
-        with folder_lock(root):
+        with folder_lock(root, wait=True):  # a short wait: workers share the folder
             return cls._open_locked(root, settings, graph)
+
+    @staticmethod
+    def check(root: str | Path, settings: dict, graph: Graph) -> dict | None:
+        """The manifest of ``root`` when it holds results of ``settings`` on ``graph`` (None
+        when it holds none); refuses other settings or another graph. Writes nothing."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{root}: output path exists and is not a folder")
+        manifest = _read_manifest(root)
+        if manifest is None:
+            return None
+        if manifest.get("settings_hash") != settings_hash(settings):
+            old = manifest.get("settings", {})
+            changed = sorted(k for k in set(old) | set(settings)
+                             if old.get(k) != settings.get(k))
+            raise StoreError(f"{root}: holds results computed with other settings (differs "
+                             f"in: {', '.join(changed) or 'unknown'}); use another --out "
+                             f"folder so old and new results do not mix")
+        if manifest.get("graph") != graph.cfg:
+            raise StoreError(f"{root}: holds circuits of another graph "
+                             f"({manifest.get('graph')})")
+        return manifest
 
     @classmethod
     def _open_locked(cls, root: Path, settings: dict, graph: Graph) -> "CircuitStore":
         digest = settings_hash(settings)
-        manifest = _read_manifest(root)
+        manifest = cls.check(root, settings, graph)
         if manifest is not None:
-            if manifest.get("settings_hash") != digest:
-                old = manifest.get("settings", {})
-                changed = sorted(k for k in set(old) | set(settings)
-                                 if old.get(k) != settings.get(k))
-                raise StoreError(f"{root}: holds results computed with other settings (differs "
-                                 f"in: {', '.join(changed) or 'unknown'}); use another --out "
-                                 f"folder so old and new results do not mix")
-            if manifest.get("graph") != graph.cfg:
-                raise StoreError(f"{root}: holds circuits of another graph "
-                                 f"({manifest.get('graph')})")
             return cls(root, manifest)
         manifest = {"kind": "cud-circuits", "format_version": FORMAT_VERSION,
                     "settings_hash": digest, "settings": settings, "graph": graph.cfg,
@@ -166,6 +161,12 @@ class CircuitStore:
     def rows(self) -> pd.DataFrame:
         """Every committed row (the last one per sample id wins)."""
         return _read_rows(self.root)
+
+    def hold(self, ids: Sequence[str]) -> None:
+        """Record ``ids`` as the samples the folder holds (``ids.json``): the samples of the
+        run now writing it, in order. Circuits of other samples, from earlier runs, stay in
+        ``shards/`` (a later run asking for them again reuses them) but are not read back."""
+        _atomic_write_text(self.root / IDS, json.dumps({"ids": list(ids)}, indent=0) + "\n")
 
     def done(self, text_hashes: dict[str, str]) -> set[str]:
         """Ids whose stored row matches the given ``{id: text_hash}`` (same question and answer)."""
@@ -190,12 +191,10 @@ class CircuitStore:
         _atomic_write_bytes(shards / f"scores-{key}.safetensors", blob)
         table = pd.DataFrame([{"id": i, **r, "shard": key, "row": k}
                               for k, (i, r) in enumerate(zip(ids, rows))])
-        tmp = shards / f".rows-{key}.parquet.tmp{os.getpid()}"
         try:
-            table.to_parquet(tmp, index=False)
-            os.replace(tmp, shards / f"rows-{key}.parquet")
+            with replacing(shards / f"rows-{key}.parquet") as tmp:
+                table.to_parquet(tmp, index=False)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise StoreError(f"{shards}: cannot write the rows of a batch ({e.strerror or e})"
                              ) from None
         return key
@@ -256,9 +255,27 @@ class CircuitSet:
                           table, self.settings, self.root)
 
 
+def held_ids(root: str | Path) -> list[str] | None:
+    """The samples a circuits folder holds (``ids.json``: those its last run asked for, in
+    order), or None for a folder written before it was kept."""
+    path = Path(root) / IDS
+    if not path.exists():
+        return None
+    try:
+        ids = json.loads(path.read_text())["ids"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"{path}: unreadable ({type(e).__name__}); run `cud circuits` into "
+                         f"the folder again to rewrite it") from None
+    if not isinstance(ids, list):
+        raise StoreError(f"{path}: expected {{\"ids\": [...]}}")
+    return [str(i) for i in ids]
+
+
 def load_circuits(root: str | Path, ids: Iterable[str] | None = None) -> CircuitSet:
-    """Read a circuits folder (finished or not). Samples come in the order of ``samples.parquet``
-    when the run finished, else in the order they were committed; ``ids`` picks and orders."""
+    """Read a circuits folder (finished or not): the samples it holds (``ids.json``, the last
+    run's samples, in its order; those finished so far), or in a folder written before that
+    file was kept every stored sample (in the order of ``samples.parquet``, then of commit);
+    ``ids`` picks and orders."""
     from safetensors import safe_open
 
     root = Path(root)
@@ -269,8 +286,11 @@ def load_circuits(root: str | Path, ids: Iterable[str] | None = None) -> Circuit
         raise StoreError(f"{root}: not a circuits folder (no {MANIFEST}); run `cud circuits` first")
     graph = Graph(**manifest["graph"])
     rows = _read_rows(root)
+    held = held_ids(root)
     final = root / f"{TABLE}.parquet"
-    if final.exists():
+    if held is not None:  # the samples of the folder's last run, those of them finished
+        rows = rows.set_index("id").reindex(held).dropna(subset=["shard"]).reset_index()
+    elif final.exists():
         order = pd.read_parquet(final, columns=["id"])["id"].tolist()
         known = set(order)
         rows = pd.concat([rows.set_index("id").reindex(order).dropna(subset=["shard"]),

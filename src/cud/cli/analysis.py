@@ -54,7 +54,8 @@ def analyze(
     settings = settings_from(AnalysisSettings,
                              outcomes=tuple(csv_list(outcome)) if outcome else None,
                              fraction=fraction, alpha=alpha)
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--circuits": circuits, "--scores": scores,
+                                     "--anchors": anchors, "--outcomes": outcomes})
     inputs = load_report_inputs(cud=scores, distance=distance, anchors=anchors,
                                 unlearn=outcomes, methods=csv_list(method))
     cs = load_circuits(circuits)

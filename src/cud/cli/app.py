@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cud.errors import CudError
 
@@ -38,9 +39,20 @@ USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Usage
 CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
+#: the longest error line printed: a message that echoes a huge value somewhere no
+#: :func:`cud.errors.shown` cut it is cut here, the one place errors are rendered
+MAX_ERROR_CHARS = 1000
+
+
 def error_line(message: str) -> None:
-    console.print(f"[bold red]error:[/] {' '.join(str(message).split())}", soft_wrap=True,
-                  highlight=False, markup=True)
+    text = str(message)
+    if len(text) > 4 * MAX_ERROR_CHARS:  # split no more of a huge message than is shown
+        text = text[:4 * MAX_ERROR_CHARS]
+    text = " ".join(text.split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + "..."
+    console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True, highlight=False,
+                  markup=True)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -9,8 +9,9 @@ import typer
 
 from cud.cli.app import command, console
 from cud.cli.common import load_or_teach, say_text_cuts
-from cud.cli.options import (csv_list, default, distributed, out_folder, ray_address_option,
-                             settings_from, workers_option)
+from cud.cli.options import (csv_list, default, distributed, max_tokens_option, out_folder,
+                             prefix_tokens_option, ray_address_option, settings_from,
+                             text_settings, workers_option)
 from cud.cli.render import progress_bars
 from cud.difficulty.baselines import BASELINE_METRICS, BaselineSettings
 
@@ -42,6 +43,8 @@ def baselines(
     finetune_first: bool = typer.Option(False, "--finetune/--no-finetune",
                                         help="Fine-tune --model on --data first (cached)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: GPU if any)."),
+    prefix_tokens: Optional[int] = prefix_tokens_option(),
+    max_tokens: Optional[int] = max_tokens_option(),
     out: str = typer.Option("cud-out/baselines", help="Output folder (resumable)."),
     workers: int = workers_option("samples"),
     ray_address: Optional[str] = ray_address_option(),
@@ -56,23 +59,26 @@ def baselines(
     wanted = None if metrics in (None, "all") else tuple(csv_list(metrics))
     settings = settings_from(BaselineSettings, metrics=wanted, min_k=min_k, mrd_k=mrd_k,
                              mrd_sigma=mrd_sigma, mrd_tokens=mrd_tokens, seed=seed)
-    folder = out_folder(out)
-    samples = load_samples(data, split=split, limit=limit)
+    folder = out_folder(out, inputs={"--data": data})
+    samples = load_samples(data, split=split, limit=limit,
+                           text=text_settings(prefix_tokens, max_tokens))
     say_text_cuts(samples, model)
     dtype = "float32" if "mrd" in settings.metrics else None
     with progress_bars() as bar:
         if to_ray:
             from cud.runtime.distributed import baseline_metrics_distributed
+            from cud.folders import folder_lock
             from cud.tables import save_table
             if finetune_first:
                 from cud.unlearning.finetune import finetune
                 model = str(finetune(model, samples, device=device, keep_model=False,
                                      progress=bar).path)
-            table = baseline_metrics_distributed(model, samples, settings,
-                                                 work_dir=folder / ".work", workers=workers,
-                                                 address=ray_address, device=device,
-                                                 dtype=dtype, progress=bar)
-            save_table(table, folder / "baselines")
+            with folder_lock(folder):
+                table = baseline_metrics_distributed(model, samples, settings,
+                                                     work_dir=folder / ".work",
+                                                     workers=workers, address=ray_address,
+                                                     device=device, dtype=dtype, progress=bar)
+                save_table(table, folder / "baselines")
         else:
             lm = load_or_teach(model, samples, finetune_first, device, dtype)
             table = baselines_to_folder(lm, samples, folder, settings, progress=bar)

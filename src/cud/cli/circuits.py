@@ -9,8 +9,9 @@ import typer
 from cud.circuits.settings import CircuitSettings
 from cud.cli.app import command, console
 from cud.cli.common import load, say_text_cuts
-from cud.cli.options import (default, distributed, out_folder, ray_address_option,
-                             settings_from, workers_option)
+from cud.cli.options import (default, distributed, max_tokens_option, out_folder,
+                             prefix_tokens_option, ray_address_option, settings_from,
+                             text_settings, workers_option)
 from cud.cli.render import progress_bars
 
 D = CircuitSettings
@@ -24,6 +25,8 @@ def circuits(
                                               "tofu:FOLDER[:FORGET[:RETAIN]]."),
     split: Optional[str] = typer.Option(None, help="Split of a dataset folder."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N samples."),
+    prefix_tokens: Optional[int] = prefix_tokens_option(),
+    max_tokens: Optional[int] = max_tokens_option(),
     out: str = typer.Option("cud-out/circuits", help="Output folder (created, or resumed)."),
     method: Optional[str] = typer.Option(None, help="eap, eap-ig-inputs, eap-ig-activations or "
                                                     "eap-ig-activations-by-layer (the reference "
@@ -76,9 +79,10 @@ def circuits(
                              convention=convention,
                              selection=selection, n_edges=n_edges, threshold=threshold,
                              faithfulness=faithful, batch_size=batch_size, seed=seed)
-    folder = out_folder(out)
-    samples = load_samples(data, split=split, limit=limit)
-    ref = load_qa(reference) if reference else None
+    folder = out_folder(out, inputs={"--data": data, "--reference": reference})
+    text = text_settings(prefix_tokens, max_tokens)
+    samples = load_samples(data, split=split, limit=limit, text=text)
+    ref = load_qa(reference, text=text) if reference else None
     say_text_cuts(samples + (ref or []), model)
     with progress_bars() as bar:
         if to_ray:
@@ -120,3 +124,8 @@ def _summary(run, settings: CircuitSettings) -> None:
                       f"{settings.ablation} ({settings.draws} draw(s)), selection "
                       f"{settings.selection}")
     console.print(f"results in {run.root} (samples.parquet, shards/, edges.txt, manifest.json)")
+    if run.n_other:
+        console.print(f"{run.root} holds the circuits of these {len(t)} samples (ids.json); "
+                      f"{run.n_other} circuits of other samples, from earlier runs into it, "
+                      f"are kept for reuse but not read by `cud anchors`, `cud score` or "
+                      f"`cud validate`")

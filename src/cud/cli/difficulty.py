@@ -69,17 +69,45 @@ def anchors(
     """Choose easy and hard anchors and build their circuits (reusable by `cud score`)."""
     from rich.table import Table
 
-    from cud.circuits.store import load_circuits
-    from cud.difficulty.anchors import anchor_circuits, anchors_from_ids, anchors_from_outcomes
+    from cud.folders import folder_lock
 
     ways = sum([outcomes is not None, bool(easy_ids or hard_ids), bilevel])
     if ways != 1:
         raise ConfigError("give exactly one of --outcomes, --easy-ids/--hard-ids or --bilevel")
     s = settings_from(StudySettings, k=k, vote=vote, anchor_outcome=outcome,
                       pool_fraction=pool, seed=seed)
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--circuits": circuits, "--outcomes": outcomes,
+                                     "--easy-ids": easy_ids, "--hard-ids": hard_ids,
+                                     "--data": data if bilevel else None})
+    with folder_lock(folder):
+        chosen, cs, ac = _anchors(circuits, outcomes, method, s, easy_ids, hard_ids, bilevel,
+                                  model, data, forget_fraction, n_edges, device, folder)
+    table = Table(title=f"anchors {chosen.name}#{chosen.fingerprint} ({chosen.source})")
+    for col, justify in (("side", "left"), ("samples", "right"), ("circuit edges", "right"),
+                         ("ids", "left")):
+        table.add_column(col, justify=justify)
+    for side, ids, circ in (("easy", chosen.easy, ac.easy_circuit),
+                            ("hard", chosen.hard, ac.hard_circuit)):
+        shown = ", ".join(ids[:6]) + (" …" if len(ids) > 6 else "")
+        table.add_row(side, str(len(ids)), str(int(circ.sum())), shown)
+    console.print(table)
+    held = len(set(cs.ids) - set(chosen.excluded))
+    console.print(f"{len(chosen.excluded)} samples informed the choice and are held back from "
+                  f"validation; {held} of the circuits' samples are not")
+    print(folder)
+
+
+def _anchors(circuits, outcomes, method, s, easy_ids, hard_ids, bilevel, model, data,
+             forget_fraction, n_edges, device, folder):
+    """The anchors command's work, while it holds its folder: (the anchors, the circuits, the
+    anchors' circuits, written to ``folder``)."""
+    from cud.circuits.store import load_circuits
+    from cud.difficulty.anchors import anchor_circuits, anchors_from_ids, anchors_from_outcomes
+    from cud.difficulty.stage import check_same_texts
+
     cs = load_circuits(circuits)
     if outcomes is not None:
+        check_same_texts(cs, outcomes)
         chosen = anchors_from_outcomes(_outcomes_of(outcomes, method, cs.ids), s.k,
                                        outcome=s.anchor_outcome, vote=s.vote,
                                        pool_fraction=s.pool_fraction, seed=s.seed)
@@ -103,19 +131,7 @@ def anchors(
     ac = anchor_circuits(chosen, cs.ids, cs.edge_scores, cs.graph, _selection(cs, n_edges),
                          circuit_settings=cs.settings)
     ac.save(folder)
-    table = Table(title=f"anchors {chosen.name}#{chosen.fingerprint} ({chosen.source})")
-    for col, justify in (("side", "left"), ("samples", "right"), ("circuit edges", "right"),
-                         ("ids", "left")):
-        table.add_column(col, justify=justify)
-    for side, ids, circ in (("easy", chosen.easy, ac.easy_circuit),
-                            ("hard", chosen.hard, ac.hard_circuit)):
-        shown = ", ".join(ids[:6]) + (" …" if len(ids) > 6 else "")
-        table.add_row(side, str(len(ids)), str(int(circ.sum())), shown)
-    console.print(table)
-    held = len(set(cs.ids) - set(chosen.excluded))
-    console.print(f"{len(chosen.excluded)} samples informed the choice and are held back from "
-                  f"validation; {held} of the circuits' samples are not")
-    print(folder)
+    return chosen, cs, ac
 
 
 @command
@@ -142,6 +158,7 @@ def score(
     from cud.circuits.store import load_circuits
     from cud.difficulty.anchors import check_compatible, load_anchors, selection_of
     from cud.difficulty.score import DISTANCES, score_samples
+    from cud.folders import folder_lock
     from cud.tables import save_table
 
     names = list(DISTANCES) if distance == "all" else csv_list(distance) or [D().distance]
@@ -149,15 +166,17 @@ def score(
         if name not in DISTANCES:
             raise ConfigError(f"unknown distance '{name}' (choose from "
                               f"{', '.join(DISTANCES)}, all)")
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--circuits": circuits, "--anchors": anchors})
     ac = load_anchors(anchors)
     cs = load_circuits(circuits)
     check_compatible(ac, cs.graph, cs.settings, selection=n_edges is None)
     sel = ac.selection if n_edges is None else replace(ac.selection, n_edges=n_edges)
     own = cs.circuits if selection_of(cs.settings) == sel else None
-    tables = [score_samples(cs.ids, cs.edge_scores, ac, distance_name=name, weighted=weighted,
-                            circuits=own, selection=sel) for name in names]
-    save_table(pd.concat(tables, ignore_index=True), folder / "scores", index=False)
+    with folder_lock(folder):
+        tables = [score_samples(cs.ids, cs.edge_scores, ac, distance_name=name,
+                                weighted=weighted, circuits=own, selection=sel)
+                  for name in names]
+        save_table(pd.concat(tables, ignore_index=True), folder / "scores", index=False)
     summary = Table(title=f"CUD of {len(cs.ids)} samples (anchors "
                           f"{ac.anchors.name}#{ac.anchors.fingerprint}, {sel.n_edges} edges"
                           f"{', weighted' if weighted else ''}; 0 = easy, 1 = hard)")
@@ -248,7 +267,8 @@ def validate(
 ):
     """Judge CUD and every baseline on held-out samples; robustness; optional split protocol."""
     from cud.circuits.store import load_circuits
-    from cud.difficulty.stage import forecast_inputs, validate_to_folder
+    from cud.difficulty.stage import check_same_texts, forecast_inputs, validate_to_folder
+    from cud.folders import folder_lock
     from cud.tables import read_table
 
     if split_method and not model:
@@ -259,14 +279,21 @@ def validate(
         weighted=weighted, sizes=int_list(sizes, "--sizes"),
         distances=tuple(csv_list(distances)) if distances else None, n_boot=n_boot, ci=ci,
         predictor=predictor, pools=pools, variants=variants, ladder=ladder)
-    folder = out_folder(out)
-    cs = load_circuits(circuits)
-    others = {}
+    paths = {}
     for item in other:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--other expects NAME=FOLDER, got '{item}'")
-        others[name] = load_circuits(path)
+        paths[name] = path
+    folder = out_folder(out, inputs={
+        "--circuits": circuits, "--outcomes": outcomes, "--baselines": baselines,
+        "--anchors": anchors, "--retest": retest, "--pilots": pilots, "--prices": prices,
+        **({"--data": data} if split_method else {}),
+        **{f"--other {name}=": path for name, path in paths.items()}},
+        writes=("anchors", "scores"))
+    cs = load_circuits(circuits)
+    others = {name: load_circuits(path) for name, path in paths.items()}
+    check_same_texts(cs, outcomes)
     tables = _outcomes_of(outcomes, method, cs.ids)
     base = read_table(baselines, what="baselines", names=("baselines",)) if baselines else None
     main = None
@@ -279,14 +306,16 @@ def validate(
                                pilots=pilots)
     if prices:
         forecast.prices.estimates = {**_prices_file(prices), **forecast.prices.estimates}
-    with progress_bars() as bar:
-        study = validate_to_folder(cs, tables, folder, settings, baselines=base, anchors=main,
-                                   retest=load_circuits(retest) if retest else None,
-                                   others=others, forecast=forecast, progress=bar)
-    split = None
-    if split_method:
-        split = _split_protocol(study, tables, split_method, model, data, hyperparameters,
-                                device, folder)
+    with folder_lock(folder):  # the study and the split protocol, one writer
+        with progress_bars() as bar:
+            study = validate_to_folder(cs, tables, folder, settings, baselines=base,
+                                       anchors=main,
+                                       retest=load_circuits(retest) if retest else None,
+                                       others=others, forecast=forecast, progress=bar)
+        split = None
+        if split_method:
+            split = _split_protocol(study, tables, split_method, model, data,
+                                    hyperparameters, device, folder)
     _validation_summary(study, settings, list(tables))
     _ladder_summary(study, settings)
     if split is not None:

@@ -9,8 +9,10 @@ import typer
 
 from cud.cli.app import command, console
 from cud.cli.common import say_text_cuts
-from cud.cli.options import default, out_folder, settings_from
+from cud.cli.options import (default, max_tokens_option, out_folder, prefix_tokens_option,
+                             settings_from, text_settings)
 from cud.cli.render import progress_bars
+from cud.errors import ConfigError
 from cud.unlearning.finetune import FinetuneSettings
 
 D = FinetuneSettings
@@ -27,6 +29,8 @@ def finetune(
                                                    "split)."),
     retain_authors: Optional[int] = typer.Option(None, help="TOFU: teach only the first N "
                                                             "authors of the retain split."),
+    prefix_tokens: Optional[int] = prefix_tokens_option(),
+    max_tokens: Optional[int] = max_tokens_option(),
     lr: Optional[float] = typer.Option(None, help=f"Learning rate {default(D, 'lr')}."),
     epochs: Optional[float] = typer.Option(None, help=f"Epochs {default(D, 'epochs')}."),
     batch_size: Optional[int] = typer.Option(None, help=f"Batch size {default(D, 'batch_size')}."),
@@ -54,11 +58,17 @@ def finetune(
     settings = settings_from(FinetuneSettings, lr=lr, epochs=epochs, batch_size=batch_size,
                              lora=lora, lora_r=lora_r, bf16=bf16, seed=seed,
                              cache_dir=cache_dir)
+    text = text_settings(prefix_tokens, max_tokens)
+    if out:  # refused before any work
+        out_folder(out, inputs={"--data": data})
     if data.startswith("tofu:"):
+        if split is not None:
+            raise ConfigError(f"--split does not apply to TOFU data ({data}): its splits are "
+                              f"named in the spec, tofu:FOLDER:FORGET:RETAIN")
         samples = load_run_data(data, limit=limit, retain_authors=retain_authors).taught
     else:
         from cud.data.prepare import load_samples
-        samples = load_samples(data, split=split, limit=limit)
+        samples = load_samples(data, split=split, limit=limit, text=text)
     say_text_cuts(samples, model)
     with progress_bars() as bar:
         result = run_finetune(model, samples, settings, device=device, force=force,

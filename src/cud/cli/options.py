@@ -84,6 +84,27 @@ def id_list(spec: str) -> list[str]:
     return csv_list(spec) or []
 
 
+def ids_or_file(spec: str | None, option: str) -> list[str] | None:
+    """``@FILE``: the ids in FILE, one a line, verbatim (an id may hold commas and spaces;
+    empty lines are skipped); otherwise a comma-separated list. None stays None."""
+    if spec is None:
+        return None
+    if not spec.startswith("@"):
+        return csv_list(spec)
+    path = Path(spec[1:])
+    if not path.is_file():
+        raise DataError(f"no such file of ids for {option}", file=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text (byte {e.start})", file=str(path)) from None
+    ids = [line.removesuffix("\r") for line in text.split("\n")]
+    ids = [i for i in ids if i]
+    if not ids:
+        raise DataError(f"no ids in the file for {option}", file=str(path))
+    return ids
+
+
 def parse_params(params: list[str]) -> dict:
     """``["alpha=2", "beta=none"]`` -> ``{"alpha": 2, "beta": None}``."""
     out = {}
@@ -99,10 +120,16 @@ def parse_params(params: list[str]) -> dict:
     return out
 
 
-def out_folder(out: str, option: str = "--out") -> Path:
-    """An output folder option: never empty (an empty path would mean the current folder)."""
+def out_folder(out: str, option: str = "--out", inputs: dict | None = None,
+               writes: tuple[str, ...] = ()) -> Path:
+    """An output folder option: never empty (an empty path would mean the current folder),
+    never one of the command's ``inputs`` (``{option: path}``) nor holding one where the
+    command writes (``writes``; :func:`cud.folders.check_out`)."""
     if not str(out).strip():
         raise ConfigError(f"{option} is empty; give the folder to write into")
+    if inputs:
+        from cud.folders import check_out
+        check_out(out, inputs, option, writes)
     return Path(out)
 
 
@@ -117,6 +144,32 @@ def ray_address_option():
     import typer
     return typer.Option(None, help="Ray cluster to run on ('auto', 'ray://host:10001'); OUT "
                                    "must be on storage every node shares.")
+
+
+def prefix_tokens_option():
+    """``--prefix-tokens``: tokens of a plain text given as its prompt (:mod:`cud.data.text`)."""
+    import typer
+
+    from cud.data.text import TextSettings
+    return typer.Option(None, help="Plain-text data: tokens of each text given as its prompt, "
+                                   "the rest is forgotten; a text of at most that many tokens "
+                                   "gets the first half of its tokens "
+                                   f"{default(TextSettings, 'prefix_tokens')}.")
+
+
+def max_tokens_option():
+    """``--max-tokens``: the longest a plain text may be, in tokens (:mod:`cud.data.text`)."""
+    import typer
+
+    from cud.data.text import TextSettings
+    return typer.Option(None, help="Plain-text data: longer texts are cut to this many tokens "
+                                   f"{default(TextSettings, 'max_tokens')}.")
+
+
+def text_settings(prefix_tokens: int | None, max_tokens: int | None):
+    """The :class:`cud.data.text.TextSettings` of ``--prefix-tokens`` and ``--max-tokens``."""
+    from cud.data.text import TextSettings
+    return settings_from(TextSettings, prefix_tokens=prefix_tokens, max_tokens=max_tokens)
 
 
 def distributed(workers: int, ray_address: str | None) -> bool:

@@ -11,8 +11,8 @@ import typer
 
 from cud.cli.app import command, console
 from cud.cli.common import load_or_teach, say_text_cuts
-from cud.cli.options import (csv_list, default, float_list, out_folder, parse_params,
-                             settings_from)
+from cud.cli.options import (csv_list, default, float_list, max_tokens_option, out_folder,
+                             parse_params, prefix_tokens_option, settings_from, text_settings)
 from cud.cli.render import progress_bars
 from cud.difficulty.pilot import PilotSettings
 from cud.errors import ConfigError
@@ -84,6 +84,8 @@ def pilot(
     finetune_first: bool = typer.Option(False, "--finetune/--no-finetune",
                                         help="Fine-tune --model on the data first (cached)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: GPU if any)."),
+    prefix_tokens: Optional[int] = prefix_tokens_option(),
+    max_tokens: Optional[int] = max_tokens_option(),
     out: str = typer.Option("cud-out/pilots", help="Output folder (created, or resumed)."),
 ):
     """Pilot each method: a fraction of its steps, each sample's NLL rise (its forecast)."""
@@ -107,10 +109,11 @@ def pilot(
     if unlearning is not None:
         changes, rates = _calibrated(unlearning, base.methods)
         base = settings_from(UnlearningSettings, base, **changes)
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--data": data, "--forget": forget,
+                                     "--unlearning": unlearning})
     sets = forget_and_retain(data, forget=forget, split=split, limit=limit,
                              forget_fraction=forget_fraction, retain_authors=retain_authors,
-                             seed=seed)
+                             seed=seed, text=text_settings(prefix_tokens, max_tokens))
     say_text_cuts(sets.taught, model)
     lm = load_or_teach(model, sets.taught, finetune_first, device)
     with progress_bars() as bar:

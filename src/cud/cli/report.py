@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from cud.cli.app import command, console
-from cud.cli.options import csv_list, default, out_folder, settings_from
+from cud.cli.options import csv_list, default, ids_or_file, out_folder, settings_from
 from cud.errors import ConfigError
 from cud.report.html import ReportSettings
 
@@ -35,9 +35,10 @@ def report(
                                                         "and held-out tables."),
     data: Optional[str] = typer.Option(None, help="QA data, for the samples' text."),
     split: Optional[str] = typer.Option(None, help="Split of a dataset folder."),
-    draw: Optional[str] = typer.Option(None, help="Sample ids whose circuits to draw (comma "
-                                                  "list) (default: the easiest and hardest "
-                                                  "by CUD)."),
+    draw: Optional[str] = typer.Option(None, help="Sample ids whose circuits to draw: a comma "
+                                                  "list, or @FILE with one id a line (ids "
+                                                  "holding commas) (default: the easiest and "
+                                                  "hardest by CUD)."),
     top: Optional[int] = typer.Option(None, help="Rows in the hardest and easiest sample "
                                                  f"tables {default(D, 'n_extremes')}."),
     title: Optional[str] = typer.Option(None, help=f"Title {default(D, 'title')}."),
@@ -53,14 +54,18 @@ def report(
     if not any([circuits, scores, outcomes, baselines, validation]):
         raise ConfigError("nothing to report: give at least one of --circuits, --scores, "
                           "--outcomes, --baselines, --validation")
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--circuits": circuits, "--scores": scores,
+                                     "--anchors": anchors, "--outcomes": outcomes,
+                                     "--baselines": baselines, "--validation": validation,
+                                     "--data": data},
+                        writes=("figures", "tables", "report.html"))
     inputs = load_report_inputs(circuits=circuits, cud=scores, distance=distance,
                                 anchors=anchors, unlearn=outcomes, methods=csv_list(method),
                                 baselines=baselines, validation=validation, data=data,
                                 split=split)
     with console.status("figures") as status:
         result = build_report(inputs, folder, title=settings.title, outcomes=settings.outcomes,
-                              draw=csv_list(draw), n_extremes=settings.n_extremes,
+                              draw=ids_or_file(draw, "--draw"), n_extremes=settings.n_extremes,
                               progress=lambda task, done, total, info: status.update(
                                   f"figure: {info}"))
     console.print(f"{len(result.figures)} figures in {len(result.sections)} sections: "

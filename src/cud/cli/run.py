@@ -69,7 +69,7 @@ def _say_text_cuts(cfg) -> None:
     from cud.cli.common import say_text_cuts
     from cud.data.prepare import load_run_data
     data = load_run_data(spec, limit=cfg.limit, retain_authors=cfg.retain_authors,
-                         forget_fraction=cfg.forget_fraction, seed=cfg.seed)
+                         forget_fraction=cfg.forget_fraction, seed=cfg.seed, text=cfg.text)
     say_text_cuts(data.taught, cfg.model)
 
 

@@ -9,8 +9,8 @@ import typer
 
 from cud.cli.app import command, console
 from cud.cli.common import load_or_teach, say_text_cuts
-from cud.cli.options import (csv_list, default, float_list, out_folder, parse_params,
-                             settings_from)
+from cud.cli.options import (csv_list, default, float_list, max_tokens_option, out_folder,
+                             parse_params, prefix_tokens_option, settings_from, text_settings)
 from cud.cli.render import progress_bars
 from cud.unlearning.folder import UnlearningSettings
 
@@ -33,6 +33,8 @@ def unlearn(
                                                             "authors of the retain split."),
     split: Optional[str] = typer.Option(None, help="Split of a dataset folder."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N samples of --data."),
+    prefix_tokens: Optional[int] = prefix_tokens_option(),
+    max_tokens: Optional[int] = max_tokens_option(),
     method: Optional[str] = typer.Option(None, help="ga, graddiff, npo, simnpo, rmu, undial; a "
                                                     "comma-separated list, or 'all' "
                                                     f"{default(D, 'methods')}."),
@@ -130,10 +132,10 @@ def unlearn(
                              save_model=save_model, strategy=strategy, difficulty=difficulty,
                              circuits=circuits, curriculum_order=curriculum_order,
                              focus_every=focus_every, localize_k=localize_k)
-    folder = out_folder(out)
+    folder = out_folder(out, inputs={"--data": data, "--forget": forget})
     sets = forget_and_retain(data, forget=forget, split=split, limit=limit,
                              forget_fraction=forget_fraction, retain_authors=retain_authors,
-                             seed=seed)
+                             seed=seed, text=text_settings(prefix_tokens, max_tokens))
     say_text_cuts(sets.taught, model)
     lm = load_or_teach(model, sets.taught, finetune_first, device)
     with progress_bars() as bar:

@@ -17,7 +17,7 @@ import torch
 
 from cud.data.samples import QASample
 from cud.data.text import is_text, tokenize_text
-from cud.errors import DataError
+from cud.errors import DataError, ModelError
 
 PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -68,8 +68,19 @@ def format_prompt(tokenizer, question: str) -> tuple[str, bool]:
     the template already holds every special token it wants.
     """
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                             tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                 tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template is a program: it may raise anything (Jinja)
+            name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ModelError(f"{name}: the tokenizer's chat template fails on a user turn "
+                             f"({type(e).__name__}: {first[:200]}); fix chat_template in its "
+                             f"tokenizer_config.json, or remove it to use a plain prompt"
+                             ) from None
+        if not isinstance(text, str):
+            raise ModelError(f"{getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}: "
+                             f"the chat template gave no text")
         return text, False
     return PLAIN_TEMPLATE.format(question=question), True
 

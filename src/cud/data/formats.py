@@ -41,6 +41,10 @@ def load_qa(spec: str | Path, *, split: str | None = None, limit: int | None = N
     :class:`~cud.data.text.TextSettings`).
     """
     spec_str = str(spec)
+    if split is not None and not Path(spec_str).is_dir():  # never silently ignored
+        raise DataError(f"a split ('{split}') applies only to a dataset folder, not to "
+                        f"{'built-in data' if spec_str.split(':')[0] == BUILTIN else 'a file'}",
+                        file=spec_str)
     if spec_str == BUILTIN or spec_str.startswith(BUILTIN + ":"):
         samples = _builtin(spec_str)
     else:

@@ -102,12 +102,19 @@ def with_perturbations(samples: Sequence[QASample]) -> list[QASample]:
         add_perturbed_answers(samples)
 
 
+def _no_split(spec: str, split: str | None) -> None:
+    if split is not None:
+        raise ConfigError(f"a split ('{split}') does not apply to TOFU data ({spec}): its "
+                          f"splits are named in the spec, tofu:FOLDER:FORGET:RETAIN")
+
+
 def load_samples(spec: str, *, split: str | None = None, limit: int | None = None,
                  text: TextSettings | None = None) -> list[QASample]:
     """One QA set (any spec :func:`cud.data.load_qa` reads, or the forget split of a TOFU
     spec), with wrong answers for the truth ratio (:func:`with_perturbations`). ``text``: how
     text samples are split and cut (:class:`cud.data.text.TextSettings`)."""
     if spec.startswith(TOFU_PREFIX):
+        _no_split(spec, split)
         forget, _ = load_tofu(spec, limit=limit)
         return with_perturbations(forget)
     return with_perturbations(load_qa(spec, split=split, limit=limit, text=text))
@@ -146,6 +153,29 @@ def load_run_data(spec: str, *, limit: int | None = None, retain_authors: int | 
     return RunData(forget, retain, samples)
 
 
+def check_disjoint(forget: Sequence[QASample], retain: Sequence[QASample], forget_spec: str,
+                   retain_spec: str) -> None:
+    """Refuse a forget set and a retain set that share samples, by id or by text (question
+    and answer): a sample cannot be both forgotten and retained. Names how many and one."""
+    from cud.errors import DataError
+    ids = {s.id for s in forget}
+    texts = {(s.question, s.answer): s.id for s in forget}
+    same_id = [s.id for s in retain if s.id in ids]
+    same_text = [(texts[(s.question, s.answer)], s.id) for s in retain
+                 if (s.question, s.answer) in texts]
+    problems = []
+    if same_id:
+        problems.append(f"{len(same_id)} sample(s) by id (e.g. {same_id[0]!r})")
+    if same_text:
+        f_id, r_id = same_text[0]
+        example = repr(f_id) if f_id == r_id else f"{f_id!r} and {r_id!r}"
+        problems.append(f"{len(same_text)} by text (e.g. {example})")
+    if problems:
+        raise DataError(f"the forget set and the retain set ({retain_spec}) share "
+                        f"{' and '.join(problems)}; a sample cannot be both forgotten and "
+                        f"retained", file=str(forget_spec))
+
+
 def forget_and_retain(data: str, *, forget: str | None = None, split: str | None = None,
                       limit: int | None = None,
                       forget_fraction: float = DEFAULT_FORGET_FRACTION,
@@ -154,6 +184,8 @@ def forget_and_retain(data: str, *, forget: str | None = None, split: str | None
     """The sets of a stage command: ``forget`` (a file) and ``data`` as the retain set, or
     :func:`load_run_data` of ``data`` (split by author, or TOFU's splits)."""
     if forget is None:
+        if data.startswith(TOFU_PREFIX):
+            _no_split(data, split)
         if split is not None and not data.startswith(TOFU_PREFIX):
             samples = with_perturbations(load_qa(data, split=split, limit=limit, text=text))
             f, r = split_forget_retain(samples, forget_fraction, seed=seed)
@@ -162,6 +194,7 @@ def forget_and_retain(data: str, *, forget: str | None = None, split: str | None
                              forget_fraction=forget_fraction, seed=seed, text=text)
     forget_set = load_qa(forget, text=text)
     retain_set = load_samples(data, split=split, limit=limit, text=text)
+    check_disjoint(forget_set, retain_set, forget, data)
     if not any(has_perturbations(s) for s in forget_set):
         forget_set = add_perturbed_answers(forget_set + retain_set)[:len(forget_set)]
     return RunData(forget_set, retain_set, forget_set + retain_set)

@@ -21,6 +21,14 @@ Default split: the first ``prefix_tokens`` = 32 tokens
     makes the rest of the text, whatever its length, what is forgotten and measured. 32 tokens
     is short enough that most of a text is continuation (trained on and scored) and long enough
     to identify the passage. Explicit ``prefix`` / ``continuation`` fields override it per row.
+    Set it with ``--prefix-tokens`` (every command that reads data) or ``[text] prefix_tokens``
+    (`cud run`).
+
+Short texts: the first half
+    A text of at most ``prefix_tokens`` tokens would leave no continuation; such a text is
+    split after the first :data:`SHORT_TEXT_PREFIX` (half) of its tokens instead (at least one
+    token each side), so a set of short passages is usable without a per-row prefix. Longer
+    texts are split as above, unchanged. A one-token text cannot be split and is refused.
 
 The split is made when encoding, in the model's tokens
     The split and the window are counted in tokens of the model's tokenizer, and the window is
@@ -36,7 +44,7 @@ The split is made when encoding, in the model's tokens
 Long texts are cut, never silently
     A text longer than the window (``max_tokens`` = 512 tokens, special tokens and prefix
     included, and never more than the model's maximum positions) keeps its first window of
-    tokens. The library never prints: :func:`cut_notices` says, one line per data file, how many
+    tokens (``--max-tokens``, ``[text] max_tokens``). The library never prints: :func:`cut_notices` says, one line per data file, how many
     texts are cut and to what; the command line prints those lines when it loads the samples
     (:func:`cud.cli.common.say_text_cuts`).
 
@@ -52,9 +60,14 @@ from typing import Sequence
 
 from cud.data.samples import QASample
 from cud.errors import ConfigError, DataError
+from cud.limits import check_count
 
 #: ``extra["kind"]`` of a text sample
 TEXT_KIND = "text"
+#: the share of a short text's tokens (at most ``prefix_tokens``) given as its prefix
+SHORT_TEXT_PREFIX = 0.5
+#: the largest ``max_tokens`` (and so ``prefix_tokens``) a setting may ask for
+MAX_TEXT_TOKENS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,8 @@ class TextSettings:
     """How text samples are split and cut (defaults: see the module docstring).
 
     ``prefix_tokens``: tokens of the text given as the prompt (when a row has no explicit
-    ``prefix`` / ``continuation``); ``max_tokens``: the longest a text sample may be, in tokens,
+    ``prefix`` / ``continuation``; a text of at most that many tokens gets the first
+    :data:`SHORT_TEXT_PREFIX` of its tokens); ``max_tokens``: the longest a text sample may be, in tokens,
     special tokens and prefix included (and never more than the model's maximum positions);
     longer texts are cut to it.
     """
@@ -71,14 +85,15 @@ class TextSettings:
     max_tokens: int = 512
 
     def __post_init__(self):
-        for name in ("prefix_tokens", "max_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"text settings: {name} must be an integer of at least 1, "
-                                  f"got {value!r}")
+        try:
+            for name in ("prefix_tokens", "max_tokens"):
+                check_count(getattr(self, name), name, MAX_TEXT_TOKENS)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (text settings)") from None
         if self.max_tokens <= self.prefix_tokens:
-            raise ConfigError(f"text settings: max_tokens ({self.max_tokens}) must be more than "
-                              f"prefix_tokens ({self.prefix_tokens}), to leave a continuation")
+            raise ConfigError(f"max_tokens ({self.max_tokens}) must be more than "
+                              f"prefix_tokens ({self.prefix_tokens}), to leave a continuation "
+                              f"(text settings)")
 
 
 DEFAULT_TEXT = TextSettings()
@@ -140,7 +155,8 @@ def tokenize_text(tokenizer, sample: QASample, *, max_length: int | None = None)
     tokens past the window (:func:`window_of`) are cut.
 
     Raises :class:`DataError` naming the sample's file, line and field when no continuation
-    token is left (a text too short for the prefix, or a prefix filling the window).
+    token is left (a one-token text, an explicit prefix covering the whole text, or a prefix
+    filling the window).
     """
     settings = settings_of(sample)
     where = _where(sample)
@@ -171,6 +187,8 @@ def tokenize_text(tokenizer, sample: QASample, *, max_length: int | None = None)
     else:
         field = "text"
         n_prefix = settings.prefix_tokens
+        if 2 <= len(text_pos) <= n_prefix:  # a short text: the first part of its own tokens
+            n_prefix = min(len(text_pos) - 1, max(1, round(len(text_pos) * SHORT_TEXT_PREFIX)))
     if len(text_pos) <= n_prefix:
         raise DataError(f"{len(text_pos)} tokens, none left for the continuation after the "
                         f"{n_prefix}-token prefix", field=field, **where)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch
 from cud.data.encoding import Batch, batches, encode_samples
 from cud.data.samples import QASample
 from cud.errors import ConfigError
+from cud.folders import folder_lock, replacing
+from cud.limits import check_seed
 from cud.models.answers import answer_logits, teacher_forced_outcomes
 from cud.models.loading import LoadedModel
 from cud.prices import record_price
@@ -71,6 +72,7 @@ class BaselineSettings:
             raise ConfigError(f"MRD needs K >= 1 draws, got {self.mrd_k}")
         if not self.mrd_sigma >= 0:
             raise ConfigError(f"MRD needs sigma >= 0, got {self.mrd_sigma}")
+        check_seed(self.seed)
         if self.mrd_tokens not in ("answer", "all"):
             raise ConfigError(f"MRD tokens must be 'answer' or 'all', got '{self.mrd_tokens}'")
 
@@ -245,9 +247,9 @@ def mrd(lm: LoadedModel, samples: Sequence[QASample], *, sigma: float = 1e-5, k:
 
 def _save_checkpoint(path: Path, key: str, done: int, acc: list[torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, key=key, done=done, **{f"acc{i}": a.cpu().numpy() for i, a in enumerate(acc)})
-    os.replace(tmp, path)
+    with replacing(path, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, key=key, done=done, **{f"acc{i}": a.cpu().numpy()
+                                             for i, a in enumerate(acc)})
 
 
 def random_scores(samples: Sequence[QASample], seed: int = 0) -> pd.Series:
@@ -299,8 +301,10 @@ def baseline_metrics(lm: LoadedModel, samples: Sequence[QASample],
         value = timed(name, compute)
         frame = value.to_frame() if isinstance(value, pd.Series) else value
         work.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(path)
-        price.write_text(json.dumps({"seconds_per_sample": seconds[name]}) + "\n")
+        with replacing(price) as tmp:   # the price first: the value file marks it done
+            tmp.write_text(json.dumps({"seconds_per_sample": seconds[name]}) + "\n")
+        with replacing(path) as tmp:
+            frame.to_parquet(tmp)
         return frame
 
     tf_wanted = [m for m in ("loss", "prob", "exact_mem") if m in b.metrics]
@@ -339,7 +343,13 @@ def baselines_to_folder(lm: LoadedModel, samples: Sequence[QASample], out: str |
                         settings: BaselineSettings = BaselineSettings(), *,
                         progress: Progress | None = None) -> pd.DataFrame:
     """The baselines stage (`cud baselines`, and `cud run`'s): :func:`baseline_metrics` with
-    its work kept in ``out/.work`` (resumable), the table written to ``out/baselines``."""
+    its work kept in ``out/.work`` (resumable), the table written to ``out/baselines``; one
+    process at a time (:func:`~cud.folders.folder_lock`)."""
+    with folder_lock(out):
+        return _baselines_to_folder(lm, samples, out, settings, progress)
+
+
+def _baselines_to_folder(lm, samples, out, settings, progress) -> pd.DataFrame:
     table = baseline_metrics(lm, samples, settings, work_dir=Path(out) / ".work",
                              progress=progress)
     save_table(table, Path(out) / "baselines")

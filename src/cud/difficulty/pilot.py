@@ -31,6 +31,7 @@ import pandas as pd
 
 from cud.data.samples import QASample
 from cud.errors import ConfigError, DataError, StoreError
+from cud.folders import folder_lock, write_text
 from cud.models.fingerprint import model_fingerprint
 from cud.models.loading import LoadedModel
 from cud.models.precision import matmul_precision
@@ -91,26 +92,98 @@ class PilotRun:
         return pd.DataFrame(rows)
 
 
-def _open(root: Path, lm: LoadedModel, forget: Sequence[QASample]) -> None:
-    manifest = {"kind": "cud-pilots", "format_version": FORMAT_VERSION, "model": lm.name,
-                "model_fingerprint": model_fingerprint(lm), "forget": samples_hash(forget),
-                "n_forget": len(forget)}
+def _manifest(lm: LoadedModel, forget: Sequence[QASample]) -> dict:
+    return {"kind": "cud-pilots", "format_version": FORMAT_VERSION, "model": lm.name,
+            "model_fingerprint": model_fingerprint(lm), "forget": samples_hash(forget),
+            "n_forget": len(forget)}
+
+
+def _check_manifest(root: Path, manifest: dict) -> bool:
+    """Whether ``root`` has a manifest; refuses one of another model or forget set."""
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"{root}: output path exists and is not a folder")
     path = root / MANIFEST
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
-        if old.get("kind") != "cud-pilots" or old.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{path}: not a cud pilots folder of format {FORMAT_VERSION}")
-        differ = [k for k in ("model_fingerprint", "forget") if old.get(k) != manifest[k]]
-        if differ:
-            what = {"model_fingerprint": "another model", "forget": "another forget set"}
-            raise StoreError(f"{root}: holds pilots of {', '.join(what[k] for k in differ)}; "
-                             f"use another --out folder so old and new results do not mix")
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    if not path.exists():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
+    if old.get("kind") != "cud-pilots" or old.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: not a cud pilots folder of format {FORMAT_VERSION}")
+    differ = [k for k in ("model_fingerprint", "forget") if old.get(k) != manifest[k]]
+    if differ:
+        what = {"model_fingerprint": "another model", "forget": "another forget set"}
+        raise StoreError(f"{root}: holds pilots of {', '.join(what[k] for k in differ)}; "
+                         f"use another --out folder so old and new results do not mix")
+    return True
+
+
+def _open(root: Path, lm: LoadedModel, forget: Sequence[QASample]) -> None:
+    manifest = _manifest(lm, forget)
+    if not _check_manifest(root, manifest):
+        root.mkdir(parents=True, exist_ok=True)
+        write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def _requests(settings: PilotSettings, unlearning: UnlearningSettings,
+              retain: Sequence[QASample], rates: Mapping[str, float] | None, *,
+              known_rates: bool = True) -> dict[str, tuple]:
+    """``{method: (train config, trained retain, request)}`` of every method piloted; a
+    calibrated method without its rate is refused (``known_rates``) or left out."""
+    fractions = check_fractions(settings.fractions)
+    out = {}
+    for name in settings.methods or unlearning.methods:
+        config = unlearning.train_config(name)
+        if name in unlearning.calibrate:
+            if not rates or name not in rates:
+                if not known_rates:
+                    continue
+                raise ConfigError(f"{name} is calibrated: pilot it after the unlearning stage "
+                                  f"has chosen its rate (or give the rate with --lr)")
+            config = replace(config, lr=float(rates[name]))
+        trained_retain, _ = unlearning.retain_split(name, retain)
+        request = {"method": name, "table": unlearning.hyperparameters,
+                   "hyperparameters": unlearning.method_hyperparameters(name),
+                   "train": config.to_dict(), "fractions": list(fractions),
+                   "retain": samples_hash(trained_retain),
+                   "eval_batch_size": unlearning.eval_batch_size}
+        out[name] = (config, trained_retain, request)
+    return out
+
+
+def _stored(folder: Path, name: str, request: dict) -> dict | None:
+    """The stored settings of ``name``'s pilot made with ``request`` (None when there is
+    none); refuses a pilot of another request."""
+    stored_path = folder / "settings.json"
+    if not (stored_path.exists() and (folder / "scores.parquet").exists()):
+        return None
+    try:
+        stored = json.loads(stored_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"{stored_path}: unreadable ({e}); use another --out folder") from None
+    if stored.get("request") != request:
+        old = stored.get("request", {})
+        differ = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
+        raise StoreError(f"{folder}: holds a {name} pilot of other settings (differs "
+                         f"in: {', '.join(differ)}); use another --out folder so old "
+                         f"and new results do not mix")
+    return stored
+
+
+def check_pilots_folder(lm: LoadedModel, forget: Sequence[QASample],
+                        retain: Sequence[QASample], out: str | Path,
+                        settings: PilotSettings = PilotSettings(),
+                        unlearning: UnlearningSettings = UnlearningSettings(), *,
+                        rates: Mapping[str, float] | None = None) -> None:
+    """What :func:`pilots_to_folder` would refuse, found without writing anything (`cud run`
+    checks every stage before any writes); a calibrated method whose rate is not known yet is
+    checked when it is piloted."""
+    root = Path(out)
+    _check_manifest(root, _manifest(lm, list(forget)))
+    for name, (_, _, request) in _requests(settings, unlearning, list(retain), rates,
+                                           known_rates=False).items():
+        _stored(root / name, name, request)
 
 
 def pilots_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASample],
@@ -124,34 +197,22 @@ def pilots_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Sequen
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise StoreError(f"{root}: output path exists and is not a folder")
-    forget, retain = list(forget), list(retain)
+    with folder_lock(root):
+        return _pilots_to_folder(lm, list(forget), list(retain), root, settings, unlearning,
+                                 rates, progress)
+
+
+def _pilots_to_folder(lm, forget, retain, root: Path, settings: PilotSettings,
+                      unlearning: UnlearningSettings, rates, progress) -> PilotRun:
     _open(root, lm, forget)
     fractions = check_fractions(settings.fractions)
     run = PilotRun(root)
-    for name in settings.methods or unlearning.methods:
-        config = unlearning.train_config(name)
-        if name in unlearning.calibrate:
-            if not rates or name not in rates:
-                raise ConfigError(f"{name} is calibrated: pilot it after the unlearning stage "
-                                  f"has chosen its rate (or give the rate with --lr)")
-            config = replace(config, lr=float(rates[name]))
-        trained_retain, _ = unlearning.retain_split(name, retain)
-        request = {"method": name, "table": unlearning.hyperparameters,
-                   "hyperparameters": unlearning.method_hyperparameters(name),
-                   "train": config.to_dict(), "fractions": list(fractions),
-                   "retain": samples_hash(trained_retain),
-                   "eval_batch_size": unlearning.eval_batch_size}
+    for name, (config, trained_retain, request) in _requests(settings, unlearning, retain,
+                                                             rates).items():
         folder = root / name
         stored_path = folder / "settings.json"
-        if stored_path.exists() and (folder / "scores.parquet").exists():
-            stored = json.loads(stored_path.read_text())
-            if stored.get("request") != request:
-                old = stored.get("request", {})
-                differ = sorted(k for k in set(old) | set(request)
-                                if old.get(k) != request.get(k))
-                raise StoreError(f"{folder}: holds a {name} pilot of other settings (differs "
-                                 f"in: {', '.join(differ)}); use another --out folder so old "
-                                 f"and new results do not mix")
+        stored = _stored(folder, name, request)
+        if stored is not None:
             scores = pd.read_parquet(folder / "scores.parquet")
             run.reused[name] = True
         else:
@@ -178,7 +239,7 @@ def pilots_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Sequen
                       "seconds_per_sample": {pilot_name(f): v / n
                                              for f, v in result.seconds.items()},
                       "n_forget": n, "hyperparameters": result.hyperparameters}
-            stored_path.write_text(json.dumps(stored, indent=1, default=str) + "\n")
+            write_text(stored_path, json.dumps(stored, indent=1, default=str) + "\n")
             run.reused[name] = False
         if "id" in scores.columns:
             scores = scores.set_index("id")

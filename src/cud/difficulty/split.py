@@ -28,6 +28,7 @@ from scipy import stats
 
 from cud.data.samples import QASample
 from cud.errors import ConfigError, DataError
+from cud.folders import folder_lock, write_text
 from cud.progress import Progress
 from cud.models.loading import LoadedModel
 from cud.unlearning.hyperparameters import DEFAULT_TABLE
@@ -171,13 +172,14 @@ def split_protocol_to_folder(lm: LoadedModel, study, forget: Sequence[QASample],
         raise DataError(f"only {len(forget)} held-out samples have outcomes and a CUD; is the "
                         f"data the one the unlearning run used?")
     scores = study.metrics.loc[study.metrics["held_out"], "cud"]
-    result = easy_hard_protocol(lm, forget, scores, retain=retain, general=general_knowledge(),
-                                method=method, hyperparameter_table=hyperparameter_table,
-                                progress=progress)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_table(result.forget, out_dir / "split_forget", index=True)
-    save_table(result.summary, out_dir / "split_summary", index=False)
-    save_table(result.tests, out_dir / "split_tests", index=False)
-    (out_dir / "split.json").write_text(json.dumps(result.settings, indent=1) + "\n")
+    with folder_lock(out_dir):  # one process at a time writes into the folder
+        result = easy_hard_protocol(lm, forget, scores, retain=retain,
+                                    general=general_knowledge(), method=method,
+                                    hyperparameter_table=hyperparameter_table,
+                                    progress=progress)
+        save_table(result.forget, out_dir / "split_forget", index=True)
+        save_table(result.summary, out_dir / "split_summary", index=False)
+        save_table(result.tests, out_dir / "split_tests", index=False)
+        write_text(out_dir / "split.json", json.dumps(result.settings, indent=1) + "\n")
     return result

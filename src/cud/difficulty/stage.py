@@ -20,7 +20,8 @@ from cud.difficulty.score import score_samples
 from cud.difficulty.ladder import ForecastInputs, Prices
 from cud.difficulty.study import StudyResult, StudySettings, run_study
 from cud.difficulty.variants import CircuitData
-from cud.errors import ConfigError
+from cud.errors import ConfigError, DataError
+from cud.folders import folder_locks
 from cud.prices import read_prices
 from cud.progress import Progress
 from cud.tables import save_table
@@ -65,7 +66,16 @@ def validate_to_folder(circuits: CircuitSet, outcomes: Mapping[str, pd.DataFrame
     the same samples (``{name: folder}``: variants ``cud_<name>``); ``forecast``: the ladder's
     pilots, prices and method flags (:func:`forecast_inputs`; default: the circuits' price
     only)."""
-    cs = circuits
+    out = Path(out)
+    anchors_out = Path(anchors_out) if anchors_out is not None else out / "anchors"
+    scores_out = Path(scores_out) if scores_out is not None else out / "scores"
+    with folder_locks(out, anchors_out, scores_out):
+        return _validate_to_folder(circuits, outcomes, out, settings, baselines, anchors,
+                                   anchors_out, scores_out, retest, others, forecast, progress)
+
+
+def _validate_to_folder(cs, outcomes, out, settings, baselines, anchors, anchors_out,
+                        scores_out, retest, others, forecast, progress) -> StudyResult:
     selection = selection_of(cs.settings)
     sizes = tuple(sorted(set(settings.variant_sizes) | set(settings.sizes)))
     for name, other in {"retest": retest, **dict(others or {})}.items():
@@ -81,12 +91,11 @@ def validate_to_folder(circuits: CircuitSet, outcomes: Mapping[str, pd.DataFrame
     study.save(out)
     main = anchor_circuits(study.anchors["main"], cs.ids, cs.edge_scores, cs.graph, selection,
                            circuit_settings=cs.settings)
-    main.save(anchors_out if anchors_out is not None else Path(out) / "anchors")
+    main.save(anchors_out)
     scores = score_samples(cs.ids, cs.edge_scores, main, distance_name=settings.distance,
                            weighted=settings.weighted, circuits=cs.circuits,
                            selection=selection)
-    save_table(scores, Path(scores_out if scores_out is not None else Path(out) / "scores")
-               / "scores", index=False)
+    save_table(scores, scores_out / "scores", index=False)
     return study
 
 
@@ -132,3 +141,21 @@ def forecast_inputs(*, circuits: str | Path | None = None, baselines: str | Path
         prices.pilots, prices.pilot_steps = run.prices, run.steps
         prices.total_steps = run.total_steps
     return ForecastInputs(pilots=pilot_scores, prices=prices, flags=flags)
+
+
+def check_same_texts(cs: CircuitSet, unlearning: str | Path) -> None:
+    """The circuits ``cs`` and the unlearning folder ``unlearning`` must be of the same texts:
+    every sample id both hold has the same question and answer in both (the text hashes the
+    unlearning folder records, :func:`cud.unlearning.folder.forget_text_hashes`). A folder
+    written before the hashes were kept is not checked."""
+    from cud.unlearning.folder import forget_text_hashes
+    theirs = forget_text_hashes(unlearning)
+    if not theirs or "text_hash" not in cs.table.columns:
+        return
+    ours = dict(zip(cs.table["id"].astype(str), cs.table["text_hash"]))
+    differ = [i for i, h in ours.items() if i in theirs and theirs[i] != h]
+    if differ:
+        raise DataError(f"{len(differ)} of the samples have another question or answer than "
+                        f"in the circuits {cs.root} (e.g. id {differ[0]!r}): the circuits and "
+                        f"the outcomes are of different data; recompute one of them",
+                        file=str(unlearning))

@@ -59,6 +59,7 @@ from cud.difficulty.validation import (bootstrap_draws, excluded_set, extreme_qu
                                        replicates, stratified_spearman)
 from cud.difficulty.variants import CircuitData, cud_at, variant_scores
 from cud.errors import ConfigError
+from cud.limits import check_seed
 from cud.progress import Progress, within
 from cud.statistics import spearman
 from cud.tables import save_table
@@ -122,6 +123,7 @@ class StudySettings:
     ladder: bool = True
 
     def __post_init__(self):
+        check_seed(self.seed)
         if self.split_method is not None:
             from cud.unlearning.methods import METHODS
             if self.split_method not in METHODS:

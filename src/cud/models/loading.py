@@ -215,8 +215,24 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = None,
         raise ModelError(f"{spec}: cannot load the weights ({_first_line(e)}); the file may be "
                          f"truncated or damaged") from None
     _check_loading_info(spec, info)
+    check_finite_weights(model, spec)
     model.to(dev).eval()
     return prepare(model, tokenizer, name=spec)
+
+
+def check_finite_weights(model: torch.nn.Module, name: str) -> None:
+    """Refuse a model with a NaN or infinite parameter (every result of it would be NaN, with
+    an exit 0), naming the first such parameter. In float16 only NaN is refused: an infinity
+    there may be a finite weight past float16's range (65504), which the stages that overflow
+    name themselves, with the advice to load in float32."""
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if not p.is_floating_point():
+                continue
+            bad = torch.isnan(p) if p.dtype == torch.float16 else ~torch.isfinite(p)
+            if bool(bad.any()):
+                raise ModelError(f"{name}: the weights hold {int(bad.sum())} NaN or infinite "
+                                 f"value(s), first in {param_name}; the model is damaged")
 
 
 def _check_loading_info(spec: str, info: dict) -> None:

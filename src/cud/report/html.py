@@ -20,10 +20,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from cud.circuits.export import json_file_name
 from cud.circuits.graph import Graph
 from cud.difficulty.groundtruth import indexed_by_id
 from cud.errors import ConfigError
+from cud.folders import folder_lock
 from cud.progress import Progress
+from cud.tables import write_csv
 from cud.report import figures as F
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ class _Builder:
         if name is not None:
             self.tables[name] = frame
             self.table_dir.mkdir(exist_ok=True)
-            frame.to_csv(self.table_dir / f"{name}.csv", index=index)
+            write_csv(frame, self.table_dir / f"{name}.csv", index=index)
         def fmt(v) -> str:
             if isinstance(v, (float, np.floating)):
                 return "–" if not np.isfinite(v) else f"{v:.{digits}g}"
@@ -208,9 +211,14 @@ def build_report(inputs: ReportInputs, out_dir: str | Path, *, title: str = "CUD
     unlearning and its change); the first also defines a method's *hard* samples for the ROC
     curves (forgetting below that method's median). ``draw``: sample ids whose circuits are drawn
     (default: the easiest and hardest evaluated sample by CUD). ``n_extremes``: rows of the
-    hardest/easiest tables. ``progress`` (task ``report``) is called before each figure."""
+    hardest/easiest tables. ``progress`` (task ``report``) is called before each figure. One
+    process at a time writes into ``out_dir`` (:func:`~cud.folders.folder_lock`)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir):
+        return _build_report(inputs, out_dir, title, outcomes, draw, n_extremes, dpi, progress)
+
+
+def _build_report(inputs, out_dir, title, outcomes, draw, n_extremes, dpi, progress) -> Report:
     b = _Builder(out_dir, dpi, progress)
     cud_table = _indexed(inputs.cud)
     if cud_table is not None and "cud" not in cud_table.columns:
@@ -677,6 +685,7 @@ def _drawings(b: _Builder, inputs: ReportInputs, cud, held, draw) -> None:
             if len(scored):
                 draw = [scored.idxmin(), scored.idxmax()]
         draw = list(dict.fromkeys(draw)) or ids[:1]
+    draw = list(dict.fromkeys(draw))
     unknown = [i for i in draw if i not in where]
     if unknown:
         from cud.errors import DataError
@@ -700,8 +709,9 @@ def _drawings(b: _Builder, inputs: ReportInputs, cud, held, draw) -> None:
 
 
 def _file_name(sample_id: str) -> str:
-    import re
-    return re.sub(r"[^A-Za-z0-9._-]", "_", sample_id)[:80]
+    """The sample's name in file names: the circuit JSON export's, which no other id shares
+    (``a/b`` -> ``a%2Fb``, ``a_b`` stays ``a_b``, ``a b`` -> ``a%20b``)."""
+    return json_file_name(sample_id).removesuffix(".json")
 
 
 def _extremes(cud_table, samples, anchors, outcomes, outcome, n, ascending) -> pd.DataFrame:

@@ -42,7 +42,8 @@ from typing import Callable, Iterator, Sequence
 import pandas as pd
 import torch
 
-from cud.circuits.pipeline import CircuitRun, circuit_store, find_circuits, plan_batches
+from cud.circuits.pipeline import (CircuitRun, circuit_store, find_circuits, other_samples,
+                                   plan_batches)
 from cud.circuits.settings import CircuitSettings
 from cud.data.samples import QASample
 from cud.errors import ConfigError, CudError, ModelError
@@ -264,6 +265,7 @@ def find_circuits_distributed(model: str, samples: Sequence[QASample], out: str 
         ref = model_ref(model, device, dtype, gpus=_has_gpus(ray))
         lm = ref.load(device="cpu")
         store = circuit_store(lm, out, settings)
+        store.hold(order)
         plan = plan_batches(lm, samples, settings.batch_size)
         del lm
         done = store.done(hashes)
@@ -290,7 +292,7 @@ def find_circuits_distributed(model: str, samples: Sequence[QASample], out: str 
     # counted from the store: a retried task does not report what its lost attempt committed
     n_computed = len(table) - n_skipped
     return CircuitRun(root, table, n_computed, n_skipped, time.perf_counter() - start,
-                      final_batch)
+                      final_batch, other_samples(store, order))
 
 
 # --- baseline metrics ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from cud.data.encoding import EncodedSample, encode_samples
 from cud.data.samples import QASample
 from cud.errors import ConfigError, ModelError, StoreError
+from cud.folders import make_temporary_folder
 from cud.models.loading import BUNDLED, LoadedModel, load_model, prepare
 from cud.models.precision import matmul_precision
 from cud.models.answers import answer_nll, teacher_forced_outcomes
@@ -233,11 +234,10 @@ def finetune(model: str, samples: Sequence[QASample],
               "final_loss": log.steps[-1]["loss"] if log.steps else None,
               "before": before, "after": memorisation_summary(table)}
 
-    tmp = folder / f".{key[:16]}.tmp-{os.getpid()}"
+    tmp = None
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = make_temporary_folder(path)
         save_hf_folder(net, lm.tokenizer, tmp)
         table.to_parquet(tmp / "memorisation.parquet")
         table.to_csv(tmp / "memorisation.csv")
@@ -246,6 +246,7 @@ def finetune(model: str, samples: Sequence[QASample],
             shutil.rmtree(path)
         os.replace(tmp, path)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise StoreError(f"cannot write the fine-tuned model to {path}: {e}") from None
     return FinetuneResult(path, False, report, table, lm if keep_model else None)

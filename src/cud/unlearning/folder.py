@@ -3,6 +3,8 @@ forget set, written to a folder, one sub-folder per method (the layout
 :func:`cud.difficulty.groundtruth.read_outcomes` reads)::
 
     unlearning.json                which model and which forget / retain sets the folder is for
+                                   (and the text hash of each forget sample: `cud validate`
+                                   refuses circuits of other texts)
     before.parquet/.csv            forget-set outcomes of the model before unlearning
     retain_before.parquet/.csv     its retain-set NLL, probability, exact memorisation
     <method>/outcomes.parquet/.csv per-sample deltas and steps to forget
@@ -40,7 +42,10 @@ import pandas as pd
 
 from cud.data.general import general_knowledge
 from cud.data.samples import QASample
+from cud.circuits.store import text_hash
 from cud.errors import ConfigError, StoreError
+from cud.folders import folder_lock, replacing, write_text
+from cud.limits import check_amount, check_count, check_probability
 from cud.models.fingerprint import model_fingerprint
 from cud.models.loading import LoadedModel
 from cud.models.precision import matmul_precision
@@ -49,6 +54,7 @@ from cud.prices import record_price
 from cud.unlearning.calibration import (DEFAULT_BUDGET, DEFAULT_GRID, DEFAULT_HELD, calibrate,
                                         check_calibration, held_retain, held_rise, is_collapsed)
 from cud.unlearning.hyperparameters import DEFAULT_TABLE, TABLES, hyperparameters
+from cud.unlearning.loop import MAX_BATCH
 from cud.unlearning.methods import METHODS
 from cud.unlearning.outcomes import evaluate_outcomes, model_utility, save_outcomes
 from cud.unlearning.run import (
@@ -61,7 +67,17 @@ from cud.unlearning.strategies import (COMPUTED, NEEDS_DIFFICULTY, ORDERS, check
                                        difficulty_hash, plan, read_difficulty)
 
 MANIFEST = "unlearning.json"
+#: the most samples ``utility_samples`` may ask for
+MAX_SAMPLES = 10_000_000
+#: the longest greedy answer ``generation_budget`` may ask for, in times the true answer's tokens
+MAX_GENERATION_BUDGET = 100
 FORMAT_VERSION = 1
+
+
+def _hyperparameter_names(method: str) -> set[str]:
+    """The hyperparameters of a method: its dataclass fields (not its class constants)."""
+    import dataclasses
+    return {f.name for f in dataclasses.fields(METHODS[method]) if not f.name.startswith("_")}
 
 
 @dataclass(frozen=True)
@@ -69,7 +85,8 @@ class UnlearningSettings:
     """What the unlearning stage runs. ``hyperparameters`` names a table of
     :mod:`cud.unlearning.hyperparameters`; ``params`` (method hyperparameters, e.g.
     ``{"alpha": 2}``) and the training fields set to a value override it for every method
-    (a parameter a method does not have is ignored for that method). ``bf16``: matrix products
+    (a parameter a method does not have is ignored for that method; one that no method run
+    has is refused). ``threshold``: a probability in (0, 1). ``bf16``: matrix products
     in bfloat16 for training and every evaluation (:mod:`cud.models.precision`).
     ``utility``: also measure model utility (retain set and general knowledge) after each
     method, on the first ``utility_samples`` retain samples (all when None).
@@ -142,6 +159,17 @@ class UnlearningSettings:
         for key, value in self.params.items():
             if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
                 raise ConfigError(f"unlearning.params.{key}: expected a number, got {value!r}")
+        known = sorted({f for m in self.methods for f in _hyperparameter_names(m)})
+        unknown = [k for k in self.params if k not in known]
+        if unknown:  # a parameter no method run has would be silently ignored
+            raise ConfigError(f"unknown method hyperparameter {', '.join(map(repr, unknown))} "
+                              f"(those of {', '.join(self.methods)}: "
+                              f"{', '.join(known) or 'none'})")
+        check_probability(self.threshold, "threshold")
+        check_count(self.eval_batch_size, "eval_batch_size", MAX_BATCH)
+        check_amount(self.generation_budget, "generation_budget", MAX_GENERATION_BUDGET)
+        if self.utility_samples is not None:
+            check_count(self.utility_samples, "utility_samples", MAX_SAMPLES)
         for m in self.methods:
             self.train_config(m).validate()
         stray = [m for m in self.calibrate if m not in self.methods]
@@ -185,7 +213,7 @@ class UnlearningSettings:
 
     def method_hyperparameters(self, method: str) -> dict:
         hyper, _ = hyperparameters(method, self.hyperparameters)
-        known = {f for f in METHODS[method].__dataclass_fields__}
+        known = _hyperparameter_names(method)
         return {**hyper, **{k: v for k, v in self.params.items() if k in known}}
 
     def train_config(self, method: str):
@@ -243,45 +271,126 @@ class UnlearningRun:
     agreement: pd.DataFrame | None
 
 
+def _manifest(lm: LoadedModel, forget, retain, eval_bf16: bool,
+              strategy: dict | None = None) -> dict:
+    return {"kind": "cud-unlearning", "format_version": FORMAT_VERSION, "model": lm.name,
+            "model_fingerprint": model_fingerprint(lm), "forget": samples_hash(forget),
+            "n_forget": len(forget), "retain": samples_hash(retain),
+            "n_retain": len(retain), **({"eval_bf16": True} if eval_bf16 else {}),
+            **({"strategy": strategy} if strategy is not None else {}),
+            "text_hashes": {s.id: text_hash(s) for s in forget}}
+
+
+def _check_manifest(root: Path, manifest: dict) -> bool:
+    """Whether ``root`` has a manifest; refuses one of another model, other sets, another
+    precision of the shared evaluation before unlearning or another strategy."""
+    path = root / MANIFEST
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"{root}: output path exists and is not a folder")
+    if not path.exists():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
+    if old.get("kind") != "cud-unlearning" or old.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: not a cud unlearning folder of format {FORMAT_VERSION}")
+    if old.get("strategy") != manifest.get("strategy"):
+        def say(record):
+            if record is None:
+                return "plain"
+            return record["name"] + (f" (difficulty {record['difficulty']})"
+                                     if record.get("difficulty") else "")
+        raise StoreError(f"{root}: holds unlearning results of strategy "
+                         f"{say(old.get('strategy'))}, this run asks for "
+                         f"{say(manifest.get('strategy'))} (or its data differ); use another "
+                         f"--out folder so strategies do not mix")
+    differ = [k for k in ("model_fingerprint", "forget", "retain", "eval_bf16")
+              if old.get(k, False) != manifest.get(k, False)]
+    if differ:
+        what = {"model_fingerprint": "another model", "forget": "another forget set",
+                "retain": "another retain set",
+                "eval_bf16": "evaluations in another precision (eval_bf16)"}
+        raise StoreError(f"{root}: holds unlearning results of "
+                         f"{', '.join(what[k] for k in differ)}; use another --out folder "
+                         f"so old and new results do not mix")
+    return True
+
+
 def _open(root: Path, lm: LoadedModel, forget, retain, eval_bf16: bool = False,
           strategy: dict | None = None) -> None:
     """Create the folder's manifest or check that it describes this model, these sets, the
     precision of the shared evaluation before unlearning and the strategy (None: plain)."""
-    manifest = {"kind": "cud-unlearning", "format_version": FORMAT_VERSION, "model": lm.name,
-                "model_fingerprint": model_fingerprint(lm), "forget": samples_hash(forget),
-                "n_forget": len(forget), "retain": samples_hash(retain),
-                "n_retain": len(retain), **({"eval_bf16": True} if eval_bf16 else {}),
-                **({"strategy": strategy} if strategy is not None else {})}
-    path = root / MANIFEST
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
-        if old.get("kind") != "cud-unlearning" or old.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{path}: not a cud unlearning folder of format {FORMAT_VERSION}")
-        if old.get("strategy") != manifest.get("strategy"):
-            def say(record):
-                if record is None:
-                    return "plain"
-                return record["name"] + (f" (difficulty {record['difficulty']})"
-                                         if record.get("difficulty") else "")
-            raise StoreError(f"{root}: holds unlearning results of strategy "
-                             f"{say(old.get('strategy'))}, this run asks for "
-                             f"{say(manifest.get('strategy'))} (or its data differ); use another "
-                             f"--out folder so strategies do not mix")
-        differ = [k for k in ("model_fingerprint", "forget", "retain", "eval_bf16")
-                  if old.get(k, False) != manifest.get(k, False)]
-        if differ:
-            what = {"model_fingerprint": "another model", "forget": "another forget set",
-                    "retain": "another retain set",
-                    "eval_bf16": "evaluations in another precision (eval_bf16)"}
-            raise StoreError(f"{root}: holds unlearning results of "
-                             f"{', '.join(what[k] for k in differ)}; use another --out folder "
-                             f"so old and new results do not mix")
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    manifest = _manifest(lm, forget, retain, eval_bf16, strategy)
+    if not _check_manifest(root, manifest):
+        root.mkdir(parents=True, exist_ok=True)
+        write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def check_unlearning_folder(lm: LoadedModel, forget: Sequence[QASample],
+                            retain: Sequence[QASample], out: str | Path,
+                            settings: UnlearningSettings = UnlearningSettings()) -> None:
+    """What :func:`unlearn_to_folder` would refuse, found without writing anything (`cud run`
+    checks every stage before any writes): a folder of another model or other sets, a method
+    (or its calibration) of other settings."""
+    root = Path(out)
+    forget = list(forget)
+    record = _strategy_data(lm, forget, settings)[0]
+    _check_manifest(root, _manifest(lm, forget, list(retain), settings.eval_bf16, record))
+    for name in settings.methods:
+        request = settings.request(name)
+        if _stored_method(root / name, name, request) is None and name in settings.calibrate:
+            _stored_calibration(root / name, name, request)
+
+
+def forget_text_hashes(out: str | Path) -> dict[str, str]:
+    """``{id: text hash}`` of the forget samples an unlearning folder was made for (empty for
+    a folder written before they were kept, or no unlearning folder)."""
+    try:
+        manifest = json.loads((Path(out) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    hashes = manifest.get("text_hashes") if isinstance(manifest, dict) else None
+    return {str(k): str(v) for k, v in hashes.items()} if isinstance(hashes, dict) else {}
+
+
+def _stored_method(folder: Path, name: str, request: dict) -> dict | None:
+    """The stored settings of ``name`` run with ``request`` (None when it has not run);
+    refuses results of another request."""
+    settings_path = folder / "settings.json"
+    if not (settings_path.exists() and (folder / "outcomes.parquet").exists()):
+        return None
+    try:
+        stored = json.loads(settings_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"{settings_path}: unreadable ({e}); use another --out folder"
+                         ) from None
+    if stored.get("request") != request:
+        old = stored.get("request", {})
+        differ = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
+        raise StoreError(f"{folder}: holds {name} results of other settings (differs in: "
+                         f"{', '.join(differ)}); use another --out folder so old and new "
+                         f"results do not mix")
+    return stored
+
+
+def _stored_calibration(folder: Path, name: str, request: dict) -> dict:
+    """The rises of ``name``'s calibration made with ``request`` so far (rate -> rise);
+    refuses a calibration of another request."""
+    path = folder / "calibration.json"
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
+    if old.get("request") != request:
+        prior = old.get("request", {})
+        differ = sorted(k for k in set(prior) | set(request) if prior.get(k) != request.get(k))
+        raise StoreError(f"{folder}: holds a {name} calibration of other settings (differs "
+                         f"in: {', '.join(differ)}); use another --out folder so old and "
+                         f"new results do not mix")
+    return {float(r): float(v) for r, v in old.get("rises", {}).items()}
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -293,11 +402,17 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
                       out: str | Path, settings: UnlearningSettings = UnlearningSettings(), *,
                       progress: Progress | None = None) -> UnlearningRun:
     """Run each method of ``settings`` on a copy of ``lm`` and write its outcomes under ``out``
-    (created, or resumed: see the module docstring)."""
+    (created, or resumed: see the module docstring); one process at a time
+    (:func:`~cud.folders.folder_lock`)."""
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise StoreError(f"{root}: output path exists and is not a folder")
-    forget, retain = list(forget), list(retain)
+    with folder_lock(root):
+        return _unlearn_to_folder(lm, list(forget), list(retain), root, settings, progress)
+
+
+def _unlearn_to_folder(lm, forget, retain, root: Path, settings: UnlearningSettings,
+                       progress) -> UnlearningRun:
     record, difficulty, masks = _strategy_data(lm, forget, settings)
     _open(root, lm, forget, retain, settings.eval_bf16, record)
     before_path = root / "before.parquet"
@@ -344,7 +459,8 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
     agreement = None
     if len(settings.methods) > 1:
         agreement = deltas.corr(method="spearman")
-        agreement.to_csv(root / "agreement_nll_delta.csv")
+        with replacing(root / "agreement_nll_delta.csv") as tmp:
+            agreement.to_csv(tmp)
     return UnlearningRun(root, pd.DataFrame(rows), deltas, agreement)
 
 
@@ -389,16 +505,10 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
     """One method's outcomes: read back when this request already ran, else run."""
     request = settings.request(name)
     settings_path = folder / "settings.json"
-    if settings_path.exists() and (folder / "outcomes.parquet").exists():
-        stored = json.loads(settings_path.read_text())
-        if stored.get("request") != request:
-            old = stored.get("request", {})
-            differ = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
-            raise StoreError(f"{folder}: holds {name} results of other settings (differs in: "
-                             f"{', '.join(differ)}); use another --out folder so old and new "
-                             f"results do not mix")
+    stored = _stored_method(folder, name, request)
+    if stored is not None:
         if _flag_collapse(stored, settings):   # the budget may have changed since
-            settings_path.write_text(json.dumps(stored, indent=1, default=str) + "\n")
+            write_text(settings_path, json.dumps(stored, indent=1, default=str) + "\n")
         return _read(folder / "outcomes.parquet"), _read(folder / "after.parquet"), stored, True
     folder.mkdir(parents=True, exist_ok=True)
     traj = folder / "trajectory.csv"
@@ -461,7 +571,7 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
     if settings.save_model:
         from cud.unlearning.finetune import save_hf_folder
         save_hf_folder(result.model.model, result.model.tokenizer, folder / "model")
-    settings_path.write_text(json.dumps(stored, indent=1, default=str) + "\n")
+    write_text(settings_path, json.dumps(stored, indent=1, default=str) + "\n")
     return table, result.after, stored, False
 
 
@@ -486,26 +596,13 @@ def _calibrate(lm, forget, trained_retain, held, folder: Path, name: str,
     rise written to ``calibration.json`` as it is measured, so a killed calibration resumes;
     one made with another request is refused."""
     path = folder / "calibration.json"
-    known = {}
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
-        if old.get("request") != request:
-            prior = old.get("request", {})
-            differ = sorted(k for k in set(prior) | set(request)
-                            if prior.get(k) != request.get(k))
-            raise StoreError(f"{folder}: holds a {name} calibration of other settings (differs "
-                             f"in: {', '.join(differ)}); use another --out folder so old and "
-                             f"new results do not mix")
-        known = {float(r): float(v) for r, v in old.get("rises", {}).items()}
+    known = _stored_calibration(folder, name, request)
 
     def write(rate: float, rise: float) -> None:
         known[rate] = rise
-        path.write_text(json.dumps({"request": request, "rises": {repr(r): v for r, v in
+        write_text(path, json.dumps({"request": request, "rises": {repr(r): v for r, v in
                                                                    known.items()}},
-                                   indent=1) + "\n")
+                                    indent=1) + "\n")
 
     return calibrate(lm, forget, trained_retain, held, method=name,
                      hyperparameter_table=settings.hyperparameters,

@@ -20,8 +20,15 @@ import torch
 
 from cud.data.encoding import Batch, EncodedSample, batches, collate
 from cud.errors import ConfigError
+from cud.limits import check_amount, check_count, check_rate, check_seed
 from cud.models.answers import answer_logits
 from cud.progress import Progress
+
+#: the most optimizer steps, epochs, samples per micro-batch and micro-batches per step a run
+#: may ask for (far above any real run; a larger value is a typo that would run for days)
+MAX_STEPS = 1_000_000
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
 
 #: (model, forget micro-batch, retain micro-batch or None) -> (loss to minimise, numbers to log)
 Objective = Callable[[torch.nn.Module, Batch, "Batch | None"], "tuple[torch.Tensor, dict]"]
@@ -50,14 +57,16 @@ class TrainConfig:
     group_by_length: bool = False
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("batch_size and grad_accum must be at least 1")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ConfigError(f"epochs must be positive, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
+        """Refuse values out of range (maxima: :data:`MAX_STEPS`, :data:`MAX_EPOCHS`,
+        :data:`MAX_BATCH`; seeds: :data:`cud.limits.MAX_SEED`)."""
+        check_rate(self.lr, "lr")
+        check_count(self.batch_size, "batch_size", MAX_BATCH)
+        check_count(self.grad_accum, "grad_accum", MAX_BATCH)
+        if self.max_steps is None:
+            check_amount(self.epochs, "epochs", MAX_EPOCHS)
+        else:
+            check_count(self.max_steps, "max_steps", MAX_STEPS)
+        check_seed(self.seed)
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"unknown schedule '{self.schedule}' (linear, cosine, constant)")
         if self.eval_every is not None and self.eval_every < 1:
