@@ -111,6 +111,36 @@ def test_anchor_circuits_survive_save_and_load(tmp_path):
         load_anchors(tmp_path)
 
 
+def test_anchor_circuits_read_back_a_repeated_selection_exactly(monkeypatch):
+    """A study selects the same anchors' circuits many times: a repeat is read back (no second
+    selection), equal to selecting afresh; other anchors or another size select again; a
+    caller changing its circuit does not change the remembered one."""
+    import cud.difficulty.anchors as anchors_module
+    from cud.circuits.selection import select
+    graph = Graph(n_layers=2, n_heads=4)
+    scores = torch.randn(12, graph.n_edges, generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def counting(g, s, settings):
+        calls.append(settings.n_edges)
+        return select(g, s, settings)
+    monkeypatch.setattr(anchors_module, "select", counting)
+    a, b = anchors_from_ids(["s00", "s03"], ["s05"]), anchors_from_ids(["s01"], ["s05", "s07"])
+    ten, five = SelectionSettings(n_edges=10), SelectionSettings(n_edges=5)
+    first = anchor_circuits(a, IDS, scores, graph, ten)
+    first.easy_circuit[:] = ~first.easy_circuit      # a caller's change stays its own
+    again = anchor_circuits(a, IDS, scores, graph, ten)
+    other = anchor_circuits(b, IDS, scores, graph, ten)
+    smaller = anchor_circuits(a, IDS, scores, graph, five)
+    assert calls == [10, 10, 5]
+    fresh = select(graph, torch.stack([again.easy_scores, again.hard_scores]), ten)
+    assert torch.equal(again.easy_circuit, fresh[0]) and torch.equal(again.hard_circuit, fresh[1])
+    assert int(again.easy_circuit.sum()) == 10 and int(smaller.easy_circuit.sum()) == 5
+    assert not torch.equal(other.easy_circuit, again.easy_circuit)
+    anchor_circuits(a, IDS, scores, Graph(n_layers=2, n_heads=4), ten)   # another graph object
+    assert calls == [10, 10, 5, 10]
+
+
 def test_read_outcomes_of_an_unlearn_folder(tmp_path):
     for m in ("ga", "npo"):
         (tmp_path / m).mkdir()

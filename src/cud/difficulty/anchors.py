@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -198,6 +199,27 @@ def anchors_from_ids(easy: Iterable[str], hard: Iterable[str], *,
     return AnchorSet(easy=easy, hard=hard, source="ids", excluded=easy + hard, name=name)
 
 
+#: anchor circuit pairs kept per graph. A study selects the same anchors' circuits again for
+#: many variants, pools and tables (a default run's validation: hundreds of selections, each a
+#: greedy walk over the whole graph); selection is deterministic, so a repeat is read back.
+ANCHOR_SELECTIONS_KEPT = 64
+
+
+def _select_anchor_pair(graph: Graph, scores: Tensor, selection: SelectionSettings) -> Tensor:
+    """:func:`select` of the (2, E) easy and hard mean scores, remembered on ``graph`` by the
+    scores' bytes and the selection (the least recently used pair is dropped first)."""
+    key = (selection, str(scores.dtype),
+           hashlib.sha1(scores.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest())
+    memo = graph._cache.setdefault("anchor_selections", OrderedDict())
+    if key in memo:
+        memo.move_to_end(key)
+    else:
+        memo[key] = select(graph, scores, selection)
+        while len(memo) > ANCHOR_SELECTIONS_KEPT:
+            memo.popitem(last=False)
+    return memo[key].clone()
+
+
 @dataclass
 class AnchorCircuits:
     """The anchor circuits C_E and C_H of an anchor set, with the averaged edge scores they were
@@ -211,8 +233,8 @@ class AnchorCircuits:
     circuit_settings: dict = field(default_factory=dict)  # how the per-sample scores were made
 
     def __post_init__(self):
-        both = select(self.graph, torch.stack([self.easy_scores, self.hard_scores]),
-                      self.selection)
+        both = _select_anchor_pair(self.graph, torch.stack([self.easy_scores, self.hard_scores]),
+                                   self.selection)
         self.easy_circuit, self.hard_circuit = both[0], both[1]   # (E,) bool each
 
     def with_selection(self, selection: SelectionSettings) -> "AnchorCircuits":
