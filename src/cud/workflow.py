@@ -28,6 +28,7 @@ from cud.data.prepare import RunData, load_run_data
 from cud.errors import ConfigError
 from cud.folders import check_out, folder_lock, write_text
 from cud.progress import Progress, silent
+from cud.tables import write_csv
 
 STAGES = ("data", "model", "circuits", "retest", "unlearning", "pilots", "baselines",
           "validation", "strategy", "analysis", "report")
@@ -104,8 +105,8 @@ def _run(config: RunConfig, out: Path, say: Progress, held: contextlib.ExitStack
     _check_stages(config, out, lm, data)
     for stage in _locked_stages(config):   # and no other process writes into them meanwhile
         held.enter_context(folder_lock(out / stage))
-    _samples_table(data.forget).to_csv(out / "forget.csv", index=False)
-    _samples_table(data.retain).to_csv(out / "retain.csv", index=False)
+    write_csv(_samples_table(data.forget), out / "forget.csv", index=False)  # ids round-trip
+    write_csv(_samples_table(data.retain), out / "retain.csv", index=False)
     clock.writing = True
     clock.write(out)
 
