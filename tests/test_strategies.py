@@ -399,6 +399,27 @@ def test_report_draws_the_strategy_table(tmp_path):
     assert "strategy" not in build_report(ReportInputs(), tmp_path / "r2").sections
 
 
+def test_report_draws_the_tradeoff_of_a_full_comparison(tmp_path):
+    """A comparison with retain rises and hard-quartile shares gets the trade-off figure (plain
+    to strategy per method); a table without them gets the table only."""
+    import pandas as pd
+
+    from cud.report.html import ReportInputs, build_report
+    table = pd.DataFrame({
+        "method": ["ga", "npo"], "strategy": ["reweight"] * 2, "n": [20, 20], "n_hard": [5, 5],
+        "forgotten_plain": [0.2, 0.05], "forgotten_strategy": [0.3, 0.1],
+        "forgotten_hard_plain": [0.0, 0.0], "forgotten_hard_strategy": [0.2, 0.0],
+        "forgotten_plain_lo": [0.08, 0.01], "forgotten_plain_hi": [0.42, 0.24],
+        "forgotten_strategy_lo": [0.15, 0.03], "forgotten_strategy_hi": [0.52, 0.3],
+        "retain_rise_plain": [0.4, 0.1], "retain_rise_strategy": [0.5, 0.12]})
+    report = build_report(ReportInputs(strategy=table), tmp_path / "r")
+    assert report.figures["strategy_tradeoff"].stat().st_size > 1000
+    assert 'data-figure="strategy_tradeoff"' in report.html.read_text()
+    bare = table[["method", "strategy", "forgotten_plain", "forgotten_strategy"]]
+    assert "strategy_tradeoff" not in build_report(ReportInputs(strategy=bare),
+                                                   tmp_path / "r2").figures
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi", "phi3", "qwen3",
                                     "gemma", "olmo2", "gemma2", "gemma3_text"])
 def test_head_masks_are_exactly_what_the_adapter_reads_for_the_head(family):

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from matplotlib.lines import Line2D
 
 from cud.circuits.graph import Graph
@@ -229,6 +230,41 @@ def forecast_ladder(ladder: pd.DataFrame, *, outcome: str, ncols: int = 3) -> Fi
     handles, labels = axes[0].get_legend_handles_labels() if len(methods) else ([], [])
     if handles:
         axes[0].legend(handles, labels, frameon=False, fontsize=7, loc="lower right")
+    return fig
+
+
+def strategy_tradeoff(table: pd.DataFrame, *, ncols: int = 3) -> Figure:
+    """Plain against a strategy, one panel per method: x = mean retain NLL rise (the damage),
+    y = share of the forget set forgotten (circles) and of its predicted-hard quartile
+    (triangles), each with its Wilson interval; an arrow from plain to the strategy. Up and to
+    the left is better."""
+    methods = list(dict.fromkeys(table["method"]))
+    fig, axes = _grid(max(1, len(methods)), ncols, size=(4.4, 3.6))
+    name = str(table["strategy"].iloc[0]) if "strategy" in table.columns and len(table) else ""
+    for ax, method in zip(axes, methods):
+        row = table[table["method"] == method].iloc[0]
+        for part, marker in (("", "o"), ("hard_", "^")):
+            for side, colour in (("plain", OTHER), ("strategy", EASY)):
+                y = float(row[f"forgotten_{part}{side}"])
+                lo = pd.to_numeric(row.get(f"forgotten_{part}{side}_lo"), errors="coerce")
+                hi = pd.to_numeric(row.get(f"forgotten_{part}{side}_hi"), errors="coerce")
+                yerr = None if pd.isna(lo) or pd.isna(hi) else [[max(y - lo, 0)],
+                                                               [max(hi - y, 0)]]
+                ax.errorbar([row[f"retain_rise_{side}"]], [y], yerr=yerr, fmt=marker,
+                            color=colour, ecolor=colour, elinewidth=0.8, capsize=2, ms=6,
+                            label=f"{'hard quartile' if part else 'all'}, "
+                                  f"{'plain' if side == 'plain' else name}")
+            ax.annotate("", xy=(row["retain_rise_strategy"], row[f"forgotten_{part}strategy"]),
+                        xytext=(row["retain_rise_plain"], row[f"forgotten_{part}plain"]),
+                        arrowprops={"arrowstyle": "->", "color": EASY, "lw": 0.8})
+        ax.set_ylim(-0.03, 1.03)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.ticklabel_format(axis="x", useOffset=False)
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("retain NLL rise (nats)")
+        ax.set_ylabel("share forgotten")
+    if len(methods):
+        axes[0].legend(frameon=False, fontsize=6, loc="upper left")
     return fig
 
 

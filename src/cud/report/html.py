@@ -545,6 +545,11 @@ def _strategy_section(b: _Builder, table: pd.DataFrame) -> None:
               "forgotten overall and in the predicted-hard quartile, mean retain NLL rise, "
               "McNemar's exact p on forgotten or not (overall and in the hard quartile) and "
               "Wilcoxon's p on the per-sample NLL increase, both paired against plain.")
+    if {"retain_rise_plain", "forgotten_hard_plain"} <= set(table.columns):
+        b.figure("strategy_tradeoff", lambda: F.strategy_tradeoff(table),
+                 "The forget-retain trade-off per method: share forgotten (circles: every "
+                 "sample; triangles: the predicted-hard quartile) against the mean retain NLL "
+                 "rise, plain (grey) and with the strategy (arrow's head).")
     b.table(table, name="strategy_comparison", index=False)
     b.end()
 
