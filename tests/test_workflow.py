@@ -68,12 +68,20 @@ def test_quick_run_ends_with_the_report(model_folder, tmp_path):
     # a second run reuses every stage's results (the same circuits, outcomes and scores) and,
     # asked for them now, adds the easy/hard split protocol on the held-out samples and a
     # strategy after the plain methods, compared with them in a table the report draws
-    config.write_text('strategy = "reweight"\n' + config.read_text()
+    config.write_text('strategy = "reweight"\nretest = true\n' + config.read_text()
                       + '[study]\nsplit_method = "ga"\n')
     again = CliRunner().invoke(app, ["run", "--config", str(config)])
     assert again.exit_code == 0, again.output
     assert pd.read_parquet(out / "scores" / "scores.parquet").equals(scores)
     assert "split" in json.loads((out / "run.json").read_text())["seconds"]
+    # the retest measures the circuits again (seed + 1) without the faithfulness passes, which
+    # only the first measurement's variants and report read
+    first = pd.read_parquet(out / "circuits" / "samples.parquet")
+    second = pd.read_parquet(out / "circuits-retest" / "samples.parquet")
+    assert "faithfulness" in first.columns and set(second["id"]) == set(first["id"])
+    assert not [c for c in second.columns if c.startswith("faithfulness")]
+    retest = pd.read_csv(out / "validation" / "retest.csv").set_index("quantity")
+    assert "cud test-retest spearman" in retest.index
     split = pd.read_parquet(out / "validation" / "split_forget.parquet")
     assert set(split.index) <= set(study["held_out"]) and len(split) >= 2
     assert set(pd.read_csv(out / "validation" / "split_summary.csv")["half"]) == {"easy", "hard"}

@@ -124,7 +124,7 @@ def _run(config: RunConfig, out: Path, say: Progress, held: contextlib.ExitStack
     retest = None
     if config.retest:
         with clock("retest"):  # the same circuits from independent corrupted prompts
-            again = replace(settings, seed=settings.seed + 1)
+            again = retest_settings(settings, out / "circuits-retest")
             find_circuits(lm, data.forget, out / "circuits-retest", again, reference=reference,
                           progress=lambda task, *rest: say("retest", *rest))
             retest = load_circuits(out / "circuits-retest", ids=[s.id for s in data.forget])
@@ -204,7 +204,7 @@ def _check_stages(config: RunConfig, out: Path, lm, data: RunData) -> None:
     check_circuit_folder(lm, out / "circuits", circuits)
     if config.retest:
         check_circuit_folder(lm, out / "circuits-retest",
-                             replace(circuits, seed=circuits.seed + 1))
+                             retest_settings(circuits, out / "circuits-retest"))
     unlearning = config.stage("unlearning")
     check_unlearning_folder(lm, data.forget, data.retain, out / "unlearning", unlearning)
     if config.pilots.enabled:
@@ -268,6 +268,24 @@ class _Clock:
             "total_seconds_all_sittings": round(sum(every.values()), 2),
             "n_forget": r.n_forget, "n_retain": r.n_retain, "model_path": r.model_path},
             indent=1, default=str) + "\n")
+
+
+def retest_settings(circuits, folder: Path | None = None):
+    """The second measurement of the circuits (``circuits-retest/``): the same settings with
+    independent corrupted prompts (seed + 1) and no faithfulness passes, which only the first
+    measurement's variants and report read (the retest compares scores and circuits, which the
+    passes do not change). A ``folder`` started before, with the passes, is resumed with them."""
+    from cud.circuits.store import stored_settings
+    from cud.errors import StoreError
+    again = replace(circuits, seed=circuits.seed + 1)
+    try:
+        made = stored_settings(folder) if folder is not None else {}
+    except StoreError:   # the stage's own check names what is wrong with the folder
+        made = {}
+    if made.get("faithfulness") and tuple(made.get("faithfulness_sizes") or ()) \
+            == tuple(again.faithfulness_sizes) and again.faithfulness:
+        return again
+    return replace(again, faithfulness=False, faithfulness_sizes=())
 
 
 def _earlier_sittings(path: Path, config: RunConfig) -> list[dict[str, float]]:

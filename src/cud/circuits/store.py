@@ -85,6 +85,13 @@ def _ensure_folder(root: Path) -> None:
         raise StoreError(f"{root}: cannot create the output folder ({e.strerror})") from None
 
 
+def stored_settings(root: str | Path) -> dict:
+    """The settings a circuits folder was made with (empty: no folder yet)."""
+    manifest = _read_manifest(Path(root))
+    settings = manifest.get("settings") if manifest else None
+    return settings if isinstance(settings, dict) else {}
+
+
 def _read_manifest(root: Path) -> dict | None:
     path = root / MANIFEST
     if not path.exists():

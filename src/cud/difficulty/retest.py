@@ -34,6 +34,8 @@ def _interval(x: np.ndarray, y: np.ndarray, n_boot: int, ci: float, seed: int
     draws = bootstrap_draws(len(x), n_boot, seed)
     boot = spearman_rows(x[draws], y[draws])
     boot = boot[np.isfinite(boot)]
+    if not len(boot):  # a score constant in every resample (e.g. one side of a tiny run)
+        return math.nan, math.nan
     a = (1 - ci) / 2
     return float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a))
 
