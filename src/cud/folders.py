@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -125,6 +126,27 @@ def write_bytes(path: str | Path, data: bytes, *, sync: bool = False) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode())
+
+
+def stored_request(path: str | Path, request: dict, folder: str | Path, what: str
+                   ) -> dict | None:
+    """The JSON record at ``path`` made with ``request`` (None when there is none); refuses, in
+    one line naming ``folder``, a record of another request (``what`` says what it holds, e.g.
+    "a ga pilot"), so old and new results never mix."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
+    if stored.get("request") != request:
+        old = stored.get("request", {})
+        differ = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
+        raise StoreError(f"{folder}: holds {what} of other settings (differs in: "
+                         f"{', '.join(differ)}); use another --out folder so old and new "
+                         f"results do not mix")
+    return stored
 
 
 def _inside(path: Path, folder: Path) -> bool:

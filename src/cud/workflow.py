@@ -25,7 +25,7 @@ import pandas as pd
 
 from cud.config import RunConfig, apply, load_config, with_preset
 from cud.data.prepare import RunData, load_run_data
-from cud.errors import ConfigError
+from cud.errors import ConfigError, StoreError
 from cud.folders import check_out, folder_lock, write_text
 from cud.progress import Progress, silent
 from cud.tables import write_csv
@@ -276,7 +276,6 @@ def retest_settings(circuits, folder: Path | None = None):
     measurement's variants and report read (the retest compares scores and circuits, which the
     passes do not change). A ``folder`` started before, with the passes, is resumed with them."""
     from cud.circuits.store import stored_settings
-    from cud.errors import StoreError
     again = replace(circuits, seed=circuits.seed + 1)
     try:
         made = stored_settings(folder) if folder is not None else {}

@@ -31,7 +31,7 @@ import pandas as pd
 
 from cud.data.samples import QASample
 from cud.errors import ConfigError, DataError, StoreError
-from cud.folders import folder_lock, write_text
+from cud.folders import folder_lock, stored_request, write_text
 from cud.models.fingerprint import model_fingerprint
 from cud.models.loading import LoadedModel
 from cud.models.precision import matmul_precision
@@ -155,20 +155,9 @@ def _requests(settings: PilotSettings, unlearning: UnlearningSettings,
 def _stored(folder: Path, name: str, request: dict) -> dict | None:
     """The stored settings of ``name``'s pilot made with ``request`` (None when there is
     none); refuses a pilot of another request."""
-    stored_path = folder / "settings.json"
-    if not (stored_path.exists() and (folder / "scores.parquet").exists()):
+    if not (folder / "scores.parquet").exists():
         return None
-    try:
-        stored = json.loads(stored_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StoreError(f"{stored_path}: unreadable ({e}); use another --out folder") from None
-    if stored.get("request") != request:
-        old = stored.get("request", {})
-        differ = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
-        raise StoreError(f"{folder}: holds a {name} pilot of other settings (differs "
-                         f"in: {', '.join(differ)}); use another --out folder so old "
-                         f"and new results do not mix")
-    return stored
+    return stored_request(folder / "settings.json", request, folder, f"a {name} pilot")
 
 
 def check_pilots_folder(lm: LoadedModel, forget: Sequence[QASample],

@@ -44,7 +44,7 @@ from cud.data.general import general_knowledge
 from cud.data.samples import QASample
 from cud.circuits.store import text_hash
 from cud.errors import ConfigError, StoreError
-from cud.folders import folder_lock, replacing, write_text
+from cud.folders import folder_lock, replacing, stored_request, write_text
 from cud.limits import check_amount, check_count, check_probability
 from cud.models.fingerprint import model_fingerprint
 from cud.models.loading import LoadedModel
@@ -357,39 +357,16 @@ def forget_text_hashes(out: str | Path) -> dict[str, str]:
 def _stored_method(folder: Path, name: str, request: dict) -> dict | None:
     """The stored settings of ``name`` run with ``request`` (None when it has not run);
     refuses results of another request."""
-    settings_path = folder / "settings.json"
-    if not (settings_path.exists() and (folder / "outcomes.parquet").exists()):
+    if not (folder / "outcomes.parquet").exists():
         return None
-    try:
-        stored = json.loads(settings_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StoreError(f"{settings_path}: unreadable ({e}); use another --out folder"
-                         ) from None
-    if stored.get("request") != request:
-        old = stored.get("request", {})
-        differ = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
-        raise StoreError(f"{folder}: holds {name} results of other settings (differs in: "
-                         f"{', '.join(differ)}); use another --out folder so old and new "
-                         f"results do not mix")
-    return stored
+    return stored_request(folder / "settings.json", request, folder, f"{name} results")
 
 
 def _stored_calibration(folder: Path, name: str, request: dict) -> dict:
     """The rises of ``name``'s calibration made with ``request`` so far (rate -> rise);
     refuses a calibration of another request."""
-    path = folder / "calibration.json"
-    if not path.exists():
-        return {}
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StoreError(f"{path}: unreadable ({e}); use another --out folder") from None
-    if old.get("request") != request:
-        prior = old.get("request", {})
-        differ = sorted(k for k in set(prior) | set(request) if prior.get(k) != request.get(k))
-        raise StoreError(f"{folder}: holds a {name} calibration of other settings (differs "
-                         f"in: {', '.join(differ)}); use another --out folder so old and "
-                         f"new results do not mix")
+    old = stored_request(folder / "calibration.json", request, folder,
+                         f"a {name} calibration") or {}
     return {float(r): float(v) for r, v in old.get("rises", {}).items()}
 
 
