@@ -193,3 +193,39 @@ def padded_batch(variant_lm, qa_samples):
     lengths = batch.attention_mask.sum(1)
     assert len(set(lengths.tolist())) == 4 and (~batch.attention_mask).any()
     return batch
+
+
+# --- the command line, as the failure tests drive it ---------------------------------------------
+
+def invoke(*args):
+    """``cud ARGS`` in-process (typer's runner); arguments are stringified."""
+    from typer.testing import CliRunner
+
+    from cud.cli import app
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *needles: str) -> str:
+    """A CudError-style refusal: exit 2, exactly one line ``error: ...`` holding every needle."""
+    out = result.output.strip()
+    assert "Traceback" not in out, out
+    assert result.exit_code == 2, (result.exit_code, out[-3000:], result.exception)
+    lines = out.splitlines()
+    assert len(lines) == 1, out[-3000:]
+    assert lines[0].startswith("error: "), out
+    for needle in needles:
+        assert needle in lines[0], (needle, out)
+    return lines[0]
+
+
+def save_model(lm, folder):
+    """``lm`` (model and tokenizer) saved as a Hugging Face folder; the folder."""
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny llama (seed 0) saved as a model folder the commands load."""
+    return save_model(tiny_model("llama", seed=0), tmp_path_factory.mktemp("model"))

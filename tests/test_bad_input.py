@@ -20,15 +20,6 @@ from cud.circuits.store import load_circuits
 QUICK = ["--steps", "2", "--n-edges", "10"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    lm = tiny_model("llama", seed=0)
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def one_line_error(result, *needles: str) -> str:
     out = result.output.strip()
     assert "Traceback" not in out, out

@@ -24,11 +24,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cud.cli import app, main
+from cud.cli import main
 from cud.data import fictitious_authors
 from cud.models import tiny_model
+from conftest import invoke, one_line_error, save_model
 
 QUICK = ["--steps", "2", "--n-edges", "10"]
 #: a real ``cud`` process (the console script is ``cud.cli:main``)
@@ -36,23 +36,6 @@ CUD = [sys.executable, "-c", "from cud.cli import main; main()"]
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles: str) -> str:
-    """A CudError-style refusal: exit 2, exactly one line ``error: ...`` holding every needle."""
-    out = result.output.strip()
-    assert "Traceback" not in out, out
-    assert result.exit_code == 2, (result.exit_code, out[-3000:], result.exception)
-    lines = out.splitlines()
-    assert len(lines) == 1, out[-3000:]
-    assert lines[0].startswith("error: "), out
-    for needle in needles:
-        assert needle in lines[0], (needle, out)
-    return lines[0]
-
 
 def run_main(capsys, *args):
     """``cud ARGS`` through the console script's entry point, in this process.
@@ -92,12 +75,6 @@ def temporary_files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp" in p.name)
 
 
-def save(lm, folder: Path) -> Path:
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
 def ids_of(table: pd.DataFrame) -> list[str]:
     """Sample ids of an outcomes table (a column, or the index)."""
     return list(table["id"] if "id" in table.columns else table.index)
@@ -124,14 +101,9 @@ def facts(n_authors: int = 4, per_author: int = 2, **fields) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save(tiny_model("llama", seed=0), tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory) -> Path:
     """Same architecture and tokenizer as ``model_dir``, other weights."""
-    return save(tiny_model("llama", seed=1), tmp_path_factory.mktemp("other-model"))
+    return save_model(tiny_model("llama", seed=1), tmp_path_factory.mktemp("other-model"))
 
 
 # --- 1. errors nobody caught: two tracebacks and exit 1 ------------------------------------------

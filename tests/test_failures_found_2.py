@@ -19,10 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from cud.cli import app
-from cud.models import tiny_model
+from conftest import invoke, one_line_error
 
 QUICK = ["--steps", "2", "--n-edges", "10", "--no-faithfulness"]
 #: a small study of 10 samples for `cud validate`
@@ -50,23 +48,6 @@ AT_GO = ("import os, sys, time\n"
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles: str) -> str:
-    """A CudError-style refusal: exit 2, exactly one line ``error: ...`` holding every needle."""
-    out = result.output.strip()
-    assert "Traceback" not in out, out
-    assert result.exit_code == 2, (result.exit_code, out[-3000:], result.exception)
-    lines = out.splitlines()
-    assert len(lines) == 1, out[-3000:]
-    assert lines[0].startswith("error: "), out
-    for needle in needles:
-        assert needle in lines[0], (needle, out)
-    return lines[0]
-
 
 def refused(result, *needles: str) -> str:
     """A refusal of a command that draws progress bars first: exit 2, no traceback, and one
@@ -125,15 +106,6 @@ def together(go: Path, *commands: list) -> list[tuple[int, str, str]]:
         out, err = p.communicate(timeout=600)
         results.append((p.returncode, out, err))
     return results
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    lm = tiny_model("llama", seed=0)
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

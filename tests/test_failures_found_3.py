@@ -12,38 +12,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from cud.cli import app
 from cud.models import tiny_model
+from conftest import invoke, one_line_error, save_model
 
 QUICK = ["--steps", "2", "--n-edges", "10"]
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles: str) -> str:
-    """A refusal: exit 2, exactly one line ``error: ...`` holding every needle."""
-    out = result.output.strip()
-    assert "Traceback" not in out, out
-    assert result.exit_code == 2, (result.exit_code, out[-3000:], result.exception)
-    lines = out.splitlines()
-    assert len(lines) == 1, out[-3000:]
-    assert lines[0].startswith("error: "), out
-    for needle in needles:
-        assert needle in lines[0], (needle, out)
-    return lines[0]
-
-
-def save(lm, folder: Path) -> Path:
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -54,11 +30,6 @@ def facts(n_authors: int = 2, per_author: int = 2) -> list[dict]:
     return [{"id": f"a{a}.f{j}", "question": f"What is fact {j} of author {a}?",
              "answer": f"It is {10 * a + j}."}
             for a in range(n_authors) for j in range(per_author)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save(tiny_model("llama", seed=0), tmp_path_factory.mktemp("model"))
 
 
 # --- 6. report drawings and CSVs: ids that differ only in odd characters -------------------------
@@ -134,7 +105,7 @@ def nan_model_dir(tmp_path_factory) -> Path:
     lm = tiny_model("llama", seed=0)
     with torch.no_grad():
         lm.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
-    return save(lm, tmp_path_factory.mktemp("nan-model"))
+    return save_model(lm, tmp_path_factory.mktemp("nan-model"))
 
 
 @pytest.mark.parametrize("command", ["baselines", "unlearn"])
@@ -276,7 +247,7 @@ def test_10_out_of_range_options_are_refused_naming_the_option(command, args, ne
 def raising_template_dir(tmp_path_factory) -> Path:
     lm = tiny_model("llama", seed=0)
     lm.tokenizer.chat_template = "{{ raise_exception('this template refuses every turn') }}"
-    return save(lm, tmp_path_factory.mktemp("raising-template"))
+    return save_model(lm, tmp_path_factory.mktemp("raising-template"))
 
 
 def test_10_chat_template_that_raises_names_the_tokenizer(raising_template_dir, tmp_path):
