@@ -51,6 +51,7 @@ from cud.models.loading import LoadedModel
 from cud.models.precision import matmul_precision
 from cud.progress import Progress
 from cud.prices import record_price
+from cud.tables import write_csv
 from cud.unlearning.calibration import (DEFAULT_BUDGET, DEFAULT_GRID, DEFAULT_HELD, calibrate,
                                         check_calibration, held_retain, held_rise, is_collapsed)
 from cud.unlearning.hyperparameters import DEFAULT_TABLE, TABLES, hyperparameters
@@ -474,7 +475,7 @@ def _write_strategy_table(root: Path, forget, difficulty, train_plan) -> None:
     if train_plan.stages is not None:
         table["stage"] = pd.Series({i: g for g, group in enumerate(train_plan.stages)
                                     for i in group}).reindex(table.index)
-    table.to_csv(root / "strategy.csv")
+    write_csv(table, root / "strategy.csv")   # ids read back as written
 
 
 def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSettings,
