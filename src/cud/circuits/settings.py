@@ -71,10 +71,6 @@ class CircuitSettings:
                               f"(choose from {', '.join(ABLATIONS)})")
         if self.ablation == "mean" and not self.reference:
             raise ConfigError("the mean ablation needs a reference set (--reference DATA)")
-        if self.draws < 1:
-            raise ConfigError(f"draws must be at least 1, got {self.draws}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         if any(n < 1 for n in self.faithfulness_sizes):
             raise ConfigError("faithfulness_sizes must be circuit sizes of at least 1 edge")
         check_method_and_ablation(self.method, self.ablation, self.convention == "reference")
