@@ -357,22 +357,30 @@ def test_5_validate_refuses_circuits_of_other_texts(model_dir, stages, tmp_path)
 
 # --- 15. two baselines runs at once: refused by the lock, unique temporary names ----------------
 
-def test_15_two_baselines_runs_at_once_one_refused_by_the_lock(model_dir, stages, tmp_path):
+def test_15_two_baselines_runs_at_once_end_in_one_table(model_dir, stages, tmp_path):
     """Failure 15: two ``cud baselines`` into one folder at once ended with one refused only
     because both wrote the same temporary file name (``.baselines.parquet.tmp<pid>``-style
     names, a race), not because of a lock.
-    Expected after the fix: one finishes (exit 0), the other is refused in one line (exit 2)
-    by the folder's lock, naming the other run."""
+    Expected after the fix: no run fails on a file of the other. Whether the two overlap
+    depends on the machine's timing: if they do, the later one is refused in one line (exit 2)
+    by the folder's lock; if one ends before the other takes the lock, the other finds the
+    finished folder and exits 0. Either way at least one finishes, and the folder holds one
+    complete table. (A held lock refusing ``cud baselines`` every time is test 1's.)"""
     out = tmp_path / "b"
     command = ["baselines", "--model", model_dir, "--data", stages / "forget.jsonl",
                "--metrics", "loss,grad_norm", "--out", out]
     results = together(tmp_path / "go", command, command)
     codes = sorted(code for code, _, _ in results)
-    assert codes == [0, 2], [(code, err[-1500:]) for code, _, err in results]
-    err = next(err for code, _, err in results if code == 2).strip()
-    assert len(err.splitlines()) == 1 and "another cud run" in err, err
+    assert codes in ([0, 0], [0, 2]), [(code, err[-1500:]) for code, _, err in results]
+    for code, _, err in results:
+        assert "Traceback" not in err, err
+        if code == 2:
+            err = err.strip()
+            assert len(err.splitlines()) == 1 and "another cud run" in err, err
     n = len((stages / "forget.jsonl").read_text().splitlines())
-    assert len(pd.read_parquet(out / "baselines.parquet")) == n
+    table = pd.read_parquet(out / "baselines.parquet")
+    assert len(table) == n and table.notna().all().all(), table
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
 
 
 def test_15_a_temporary_name_in_use_does_not_break_a_write(tmp_path):
