@@ -179,3 +179,37 @@ def test_an_unlearning_folder_keeps_one_evaluation_precision(tmp_path):
                                              utility=False, eval_bf16=True))
     assert pd.read_parquet(tmp_path / "before.parquet").equals(before)
     assert not (tmp_path / "npo").exists()
+
+
+def test_teacher_forced_only_folder_keeps_every_forgetting_number_and_decodes_nothing(
+        tmp_path, monkeypatch):
+    """``answers = False``: the outcomes a sweep needs (NLL, probability, exact memorisation,
+    extraction strength, before / after / delta, forgotten or not) equal a full evaluation's to
+    the last digit, no greedy answer is decoded and no truth ratio is made, and the folder
+    refuses a later run that asks for them (its 'before' table lacks them)."""
+    from cud.data import fictitious_authors
+    from cud.errors import CudError
+    from cud.unlearning import outcomes
+    from cud.unlearning.folder import UnlearningSettings, unlearn_to_folder
+    samples = fictitious_authors(8, seed=0)
+    forget, retain = samples[:4], samples[4:]
+    common = dict(methods=("graddiff",), max_steps=2, batch_size=2, utility=False)
+    full = unlearn_to_folder(tiny_model("llama", seed=0), forget, retain, tmp_path / "full",
+                             UnlearningSettings(**common))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a teacher-forced-only evaluation decoded greedy answers")
+    monkeypatch.setattr(outcomes, "greedy_answers", refuse)
+    quick = unlearn_to_folder(tiny_model("llama", seed=0), forget, retain, tmp_path / "tf",
+                              UnlearningSettings(**common, answers=False))
+    a = pd.read_parquet(tmp_path / "full" / "graddiff" / "outcomes.parquet")
+    b = pd.read_parquet(tmp_path / "tf" / "graddiff" / "outcomes.parquet")
+    assert not [c for c in b.columns if c.startswith(("rougeL", "truth_ratio"))]
+    assert {"rougeL_recall_after", "truth_ratio_after"} <= set(a.columns)
+    assert len(b.columns) > 8
+    pd.testing.assert_frame_equal(a[b.columns], b)
+    assert full.summary["forgotten"].equals(quick.summary["forgotten"])
+    with pytest.raises(CudError, match="answers"):
+        unlearn_to_folder(tiny_model("llama", seed=0), forget, retain, tmp_path / "tf",
+                          UnlearningSettings(**{**common, "methods": ("npo",)}))
+    assert not (tmp_path / "tf" / "npo").exists()

@@ -57,6 +57,11 @@ def unlearn(
                                              help="Outcome evaluations in bfloat16 products, "
                                                   "each weight cast once per evaluation "
                                                   f"{default(D, 'eval_bf16')}."),
+    answers: Optional[bool] = typer.Option(None, "--answers/--teacher-forced-only",
+                                           help="Outcomes with greedy answers (ROUGE-L) and "
+                                                "the truth ratio, or teacher-forced only (for "
+                                                "sweeps of many runs) "
+                                                f"{default(D, 'answers')}."),
     threshold: Optional[float] = typer.Option(None, help="A sample is forgotten once its "
                                                          "normalised answer probability is "
                                                          f"below this {default(D, 'threshold')}."),
@@ -128,7 +133,8 @@ def unlearn(
                              hyperparameters=hyperparameters, params=parse_params(param) or None,
                              lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                              grad_accum=grad_accum, bf16=bf16, eval_every=eval_every,
-                             eval_bf16=eval_bf16, threshold=threshold, utility=utility, seed=seed,
+                             eval_bf16=eval_bf16, answers=answers, threshold=threshold,
+                             utility=utility, seed=seed,
                              save_model=save_model, strategy=strategy, difficulty=difficulty,
                              circuits=circuits, curriculum_order=curriculum_order,
                              focus_every=focus_every, localize_k=localize_k)

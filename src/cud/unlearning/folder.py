@@ -57,7 +57,8 @@ from cud.unlearning.calibration import (DEFAULT_BUDGET, DEFAULT_GRID, DEFAULT_HE
 from cud.unlearning.hyperparameters import DEFAULT_TABLE, TABLES, hyperparameters
 from cud.unlearning.loop import MAX_BATCH
 from cud.unlearning.methods import METHODS
-from cud.unlearning.outcomes import evaluate_outcomes, model_utility, save_outcomes
+from cud.unlearning.outcomes import (ALL_METRICS, TEACHER_FORCED, evaluate_outcomes,
+                                     model_utility, save_outcomes)
 from cud.unlearning.run import (
     DEFAULT_FORGET_THRESHOLD,
     retain_outcomes,
@@ -94,7 +95,11 @@ class UnlearningSettings:
     ``eval_batch_size``: samples per evaluation pass; ``generation_budget``: greedy answers
     stop after that many times the true answer's tokens, plus 8; ``eval_bf16``: the outcome
     evaluations (before, after, retain, utility) in bfloat16 products, each weight cast once per
-    evaluation (``bf16`` already puts them in bf16, without that cache). ``save_model``: keep each
+    evaluation (``bf16`` already puts them in bf16, without that cache). ``answers``: the
+    outcomes before and after also hold the greedy answers (ROUGE-L recall) and the truth ratio;
+    off, only the teacher-forced ones (NLL, probability, exact memorisation, extraction
+    strength: everything forgetting and the validation read), for sweeps of many runs where the
+    greedy decoding would cost most of the evaluation. ``save_model``: keep each
     unlearned model in the folder (does not change the results).
 
     ``calibrate``: methods whose learning rate is chosen first (:mod:`cud.unlearning.calibration`):
@@ -130,6 +135,7 @@ class UnlearningSettings:
     eval_batch_size: int = 16
     generation_budget: float = 2.0
     eval_bf16: bool = False
+    answers: bool = True
     seed: int = 0
     save_model: bool = False
     calibrate: tuple[str, ...] = ()
@@ -234,6 +240,7 @@ class UnlearningSettings:
                 "eval_batch_size": self.eval_batch_size,
                 "generation_budget": self.generation_budget,
                 **({"eval_bf16": True} if self.eval_bf16 else {}),
+                **({"answers": False} if not self.answers else {}),
                 **({"strategy": self.strategy_request()} if self.strategy != "plain" else {}),
                 **({"calibration": {"grid": list(self.calibration_grid),
                                     "budget": self.retain_budget,
@@ -247,6 +254,10 @@ class UnlearningSettings:
         if method in self.calibrate and retain:
             return held_retain(retain, self.calibration_held, self.seed)
         return list(retain), []
+
+    def outcome_metrics(self) -> tuple[str, ...]:
+        """The outcome metrics evaluated before and after each method (``answers``)."""
+        return ALL_METRICS if self.answers else TEACHER_FORCED
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -273,11 +284,12 @@ class UnlearningRun:
 
 
 def _manifest(lm: LoadedModel, forget, retain, eval_bf16: bool,
-              strategy: dict | None = None) -> dict:
+              strategy: dict | None = None, answers: bool = True) -> dict:
     return {"kind": "cud-unlearning", "format_version": FORMAT_VERSION, "model": lm.name,
             "model_fingerprint": model_fingerprint(lm), "forget": samples_hash(forget),
             "n_forget": len(forget), "retain": samples_hash(retain),
             "n_retain": len(retain), **({"eval_bf16": True} if eval_bf16 else {}),
+            **({"answers": False} if not answers else {}),
             **({"strategy": strategy} if strategy is not None else {}),
             "text_hashes": {s.id: text_hash(s) for s in forget}}
 
@@ -306,12 +318,14 @@ def _check_manifest(root: Path, manifest: dict) -> bool:
                          f"{say(old.get('strategy'))}, this run asks for "
                          f"{say(manifest.get('strategy'))} (or its data differ); use another "
                          f"--out folder so strategies do not mix")
-    differ = [k for k in ("model_fingerprint", "forget", "retain", "eval_bf16")
-              if old.get(k, False) != manifest.get(k, False)]
+    differ = [k for k in ("model_fingerprint", "forget", "retain", "eval_bf16", "answers")
+              if old.get(k, k == "answers") != manifest.get(k, k == "answers")]
     if differ:
         what = {"model_fingerprint": "another model", "forget": "another forget set",
                 "retain": "another retain set",
-                "eval_bf16": "evaluations in another precision (eval_bf16)"}
+                "eval_bf16": "evaluations in another precision (eval_bf16)",
+                "answers": "evaluations with other outcomes (answers: greedy answers and "
+                           "truth ratio, or teacher-forced only)"}
         raise StoreError(f"{root}: holds unlearning results of "
                          f"{', '.join(what[k] for k in differ)}; use another --out folder "
                          f"so old and new results do not mix")
@@ -319,10 +333,10 @@ def _check_manifest(root: Path, manifest: dict) -> bool:
 
 
 def _open(root: Path, lm: LoadedModel, forget, retain, eval_bf16: bool = False,
-          strategy: dict | None = None) -> None:
+          strategy: dict | None = None, answers: bool = True) -> None:
     """Create the folder's manifest or check that it describes this model, these sets, the
     precision of the shared evaluation before unlearning and the strategy (None: plain)."""
-    manifest = _manifest(lm, forget, retain, eval_bf16, strategy)
+    manifest = _manifest(lm, forget, retain, eval_bf16, strategy, answers)
     if not _check_manifest(root, manifest):
         root.mkdir(parents=True, exist_ok=True)
         write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -337,7 +351,8 @@ def check_unlearning_folder(lm: LoadedModel, forget: Sequence[QASample],
     root = Path(out)
     forget = list(forget)
     record = _strategy_data(lm, forget, settings)[0]
-    _check_manifest(root, _manifest(lm, forget, list(retain), settings.eval_bf16, record))
+    _check_manifest(root, _manifest(lm, forget, list(retain), settings.eval_bf16, record,
+                                    settings.answers))
     for name in settings.methods:
         request = settings.request(name)
         if _stored_method(root / name, name, request) is None and name in settings.calibrate:
@@ -392,14 +407,15 @@ def unlearn_to_folder(lm: LoadedModel, forget: Sequence[QASample], retain: Seque
 def _unlearn_to_folder(lm, forget, retain, root: Path, settings: UnlearningSettings,
                        progress) -> UnlearningRun:
     record, difficulty, masks = _strategy_data(lm, forget, settings)
-    _open(root, lm, forget, retain, settings.eval_bf16, record)
+    _open(root, lm, forget, retain, settings.eval_bf16, record, settings.answers)
     before_path = root / "before.parquet"
     if before_path.exists():
         before = _read(before_path)
     else:
         began = time.perf_counter()
         with matmul_precision(lm.device, settings.bf16):
-            before = evaluate_outcomes(lm, forget, batch_size=settings.eval_batch_size,
+            before = evaluate_outcomes(lm, forget, metrics=settings.outcome_metrics(),
+                                       batch_size=settings.eval_batch_size,
                                        generation_budget=settings.generation_budget,
                                        bf16=settings.eval_bf16, progress=progress)
         save_outcomes(before, root / "before")
@@ -516,6 +532,7 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
                          trajectory_sink=sink,
                          batch_size=settings.eval_batch_size,
                          generation_budget=settings.generation_budget,
+                         metrics=settings.outcome_metrics(),
                          eval_bf16=settings.eval_bf16, progress=progress, plan=train_plan)
         if held:
             rise = held_rise(result.model, float(retain_before()["nll"].reindex(
