@@ -7,7 +7,17 @@ beside every single estimate, with the study's intervals and paired test against
 baseline (:func:`cud.difficulty.ladder.ladder_table`).
 
     python scripts/tofu_ladder.py results/tofu-forget10 [--outcome nll_after] [--model boosting]
-        [--out ladder.csv]
+        [--pilots PILOTS] [--unlearning FOLDER ...] [--replace METHOD ...] [--out ladder.csv]
+
+``--pilots``: a `cud pilot` folder of the same fine-tuned model and forget set; each method's
+pilot scores join its single estimates (and the pilot forecaster), with their measured prices.
+``--unlearning``: `cud unlearn` folders of the same model and forget set; they give each of
+their methods' measured cost (seconds per sample of training and evaluation: the pilots'
+``share_of_method``) and flags (calibrated, collapsed). ``--replace M``: judge method M against
+the outcomes of its run in those folders instead of the committed ones (a calibrated re-run);
+its anchors are then chosen again, in each committed pool, from the new outcomes (the study's
+rule: the k most and least forgotten of the pool), and CUD and its variants, which need the
+circuits of the new anchors (the run's circuits folder was not kept), are left out for it.
 
 Circuit-structure statistics come from `structure.parquet`, the question type and length from
 `circuits_samples.parquet`. These runs were made before prices were kept, so the ladder's
@@ -26,31 +36,75 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cud.difficulty.forecast import one_hot_types
+from cud.difficulty.anchors import anchors_from_outcomes
+from cud.difficulty.forecast import is_cud, one_hot_types
 from cud.difficulty.groundtruth import difficulty
-from cud.difficulty.ladder import PoolView, ladder_table
+from cud.difficulty.ladder import ForecastInputs, PoolView, Prices, ladder_table
+from cud.difficulty.stage import forecast_inputs
 
 OUTCOMES = ("nll_after", "nll_delta")
 #: what a per-sample table holds that is not an estimate (or is learned from the outcomes)
 NOT_SCORES = ("id", "pool", "role", "predictor", "combined")
 
 
-def views_of(root: Path, method: str, info: pd.DataFrame, features: pd.DataFrame
+def views_of(root: Path, method: str, info: pd.DataFrame, features: pd.DataFrame,
+             pilot: pd.DataFrame | None = None, outcomes: pd.DataFrame | None = None
              ) -> list[PoolView]:
+    """Each committed pool of ``method``'s study, seen as the ladder sees it. ``pilot``: that
+    method's pilot scores, added to every pool. ``outcomes``: new outcomes of the method (a
+    re-run): its anchors are chosen again in each pool from them, the question type's pool
+    mean is taken of their difficulty, and the CUD columns (scored with the old anchors) are
+    dropped."""
     folder = root / "per-method" / method
     study = json.loads((folder / "study.json").read_text())
     per_sample = pd.read_parquet(folder / "per_sample.parquet")
+    settings = study["settings"]
     views = []
     for pool in study["pools"]:
         rows = per_sample[per_sample["pool"] == pool["seed"]].set_index("id")
         rows.index = rows.index.astype(str)
         scores = rows.drop(columns=[c for c in NOT_SCORES if c in rows.columns])
         scores["question_length"] = info["question_length"].reindex(scores.index)
+        ids = [str(i) for i in pool["pool"]]
         main = pool["anchors"].get(method, pool["anchors"]["main"])
-        views.append(PoolView(int(pool["seed"]), [str(i) for i in pool["pool"]],
-                              [str(i) for i in main["easy"]], [str(i) for i in main["hard"]],
+        easy, hard = [str(i) for i in main["easy"]], [str(i) for i in main["hard"]]
+        if outcomes is not None:
+            chosen = anchors_from_outcomes({method: outcomes}, int(settings["k"]),
+                                           outcome=settings["anchor_outcome"], pool=ids)
+            easy, hard = list(chosen.easy), list(chosen.hard)
+            scores = scores.drop(columns=[c for c in scores.columns
+                                          if is_cud(c) or c == "selected"])
+            target = difficulty(outcomes, settings["anchor_outcome"])
+            types = info["question_type"]
+            means = target.reindex(ids).groupby(types.reindex(ids)).mean()
+            scores["question_type"] = types.reindex(scores.index).map(means)
+        if pilot is not None:
+            for c in pilot.columns:
+                scores[c] = pilot[c].reindex(scores.index).astype(float)
+        views.append(PoolView(int(pool["seed"]), ids, easy, hard,
                               [str(i) for i in pool["held_out"]], scores, features))
     return views
+
+
+def measured(pilots: Path | None, unlearning: list[Path]) -> ForecastInputs:
+    """The pilots' scores and prices, and each method's cost and flags, from the folders."""
+    found = forecast_inputs(pilots=pilots) if pilots else ForecastInputs()
+    for folder in unlearning:
+        more = forecast_inputs(unlearning=folder)
+        found.prices.methods.update(more.prices.methods)
+        found.flags.update(more.flags)
+    return found
+
+
+def replaced_outcomes(unlearning: list[Path], method: str) -> pd.DataFrame:
+    for folder in unlearning:
+        path = folder / method / "outcomes.parquet"
+        if path.exists():
+            table = pd.read_parquet(path)
+            table.index = table.index.astype(str)
+            return table
+    raise SystemExit(f"error: --replace {method}: no {method}/outcomes.parquet in the "
+                     f"--unlearning folders")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,22 +114,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="ridge", choices=("ridge", "boosting"))
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=None, help="write the whole ladder (CSV)")
+    parser.add_argument("--pilots", type=Path, default=None, help="a cud pilot folder")
+    parser.add_argument("--unlearning", type=Path, action="append", default=[],
+                        help="a cud unlearn folder: methods' costs and flags (repeatable)")
+    parser.add_argument("--replace", action="append", default=[],
+                        help="judge this method against its outcomes in --unlearning")
     args = parser.parse_args(argv)
     root = args.root
     circuits = pd.read_parquet(root / "circuits_samples.parquet").set_index("id")
     circuits.index = circuits.index.astype(str)
     info = pd.DataFrame({"question_length": (circuits["n_tokens"]
-                                             - circuits["n_answer_tokens"]).astype(float)})
+                                             - circuits["n_answer_tokens"]).astype(float),
+                         "question_type": circuits["question_type"]})
     structure = pd.read_parquet(root / "structure.parquet")
     structure.index = structure.index.astype(str)
     features = structure.add_prefix("s_").join(one_hot_types(circuits["question_type"]))
     methods = sorted(p.name for p in (root / "per-method").iterdir() if p.is_dir())
+    found = measured(args.pilots, args.unlearning)
     tables = []
     for m in methods:
-        outcomes = pd.read_parquet(root / f"outcomes_{m}.parquet")
+        new = replaced_outcomes(args.unlearning, m) if m in args.replace else None
+        outcomes = pd.read_parquet(root / f"outcomes_{m}.parquet") if new is None else new
         truths = {(m, o): difficulty(outcomes, o) for o in OUTCOMES}
-        table, _ = ladder_table({m: views_of(root, m, info, features)}, truths,
-                                n_boot=args.n_boot, kind=args.model)
+        views = views_of(root, m, info, features, found.pilots.get(m), new)
+        table, _ = ladder_table({m: views}, truths, prices=found.prices,
+                                collapsed=found.collapsed(), n_boot=args.n_boot,
+                                kind=args.model)
+        if new is not None:
+            print(f"{m}: judged against the re-run's outcomes (anchors chosen again; no CUD)",
+                  file=sys.stderr)
+            tables.append(table)
+            continue
         check = pd.read_csv(root / "per-method" / m / "heldout.csv").set_index(
             ["metric", "outcome"])
         singles = table[table["kind"].isin(["baseline", "cud"])
