@@ -71,6 +71,10 @@ def unlearn(
     utility: Optional[bool] = typer.Option(None, "--utility/--no-utility",
                                            help="Also measure model utility (retain + general "
                                                 "knowledge) after each method (default: on)."),
+    utility_samples: Optional[int] = typer.Option(None, help="Utility on the first N retain "
+                                                             "samples (default: all)."),
+    eval_batch_size: Optional[int] = typer.Option(None, help="Samples per evaluation pass "
+                                                             f"{default(D, 'eval_batch_size')}."),
     save_model: bool = typer.Option(False, help="Save each unlearned model in the output."),
     calibrate: Optional[str] = typer.Option(None, help="Methods whose learning rate is chosen "
                                                        "first (comma list, or 'all'): the "
@@ -134,7 +138,8 @@ def unlearn(
                              lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                              grad_accum=grad_accum, bf16=bf16, eval_every=eval_every,
                              eval_bf16=eval_bf16, answers=answers, threshold=threshold,
-                             utility=utility, seed=seed,
+                             utility=utility, utility_samples=utility_samples,
+                             eval_batch_size=eval_batch_size, seed=seed,
                              save_model=save_model, strategy=strategy, difficulty=difficulty,
                              circuits=circuits, curriculum_order=curriculum_order,
                              focus_every=focus_every, localize_k=localize_k)
