@@ -16,20 +16,9 @@ from typer.testing import CliRunner
 from cud.cli import app
 from cud.models import tiny_model
 from cud.circuits.store import load_circuits
+from conftest import one_line_error
 
 QUICK = ["--steps", "2", "--n-edges", "10"]
-
-
-def one_line_error(result, *needles: str) -> str:
-    out = result.output.strip()
-    assert "Traceback" not in out, out
-    assert result.exit_code == 2, (result.exit_code, out, result.exception)
-    lines = out.splitlines()
-    assert len(lines) == 1, out
-    assert lines[0].startswith("error: "), out
-    for needle in needles:
-        assert needle in lines[0], (needle, out)
-    return lines[0]
 
 
 def circuits(model: Path | str, data: str | Path, out: Path, *extra: str):
