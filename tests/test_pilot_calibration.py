@@ -10,6 +10,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -230,6 +231,47 @@ def test_a_collapsed_method_is_flagged_and_a_calibrated_one_is_used_at_its_rate(
     stored = json.loads((tmp_path / "p" / "graddiff" / "settings.json").read_text())
     assert stored["request"]["train"]["lr"] == cal["chosen"]
     assert not pilots.reused["graddiff"]
+
+
+@pytest.mark.parametrize("budget, trainings", [(1e6, 1), (1e-9, len(GRID))])
+def test_a_calibrated_method_is_not_trained_again_at_its_chosen_rate(taught, tmp_path,
+                                                                     monkeypatch, budget,
+                                                                     trainings):
+    """The calibration's run at the chosen rate stands for the method's training: one training
+    per rate tried (the first rate within a huge budget; every rate, the smallest chosen, when
+    none is within a tiny one), none more, and the outcomes and trajectory equal those of the
+    method trained afresh at the chosen rate on the same retain samples."""
+    import cud.unlearning.run as run_module
+    lm, forget, retain = taught
+    calls = []
+    real = run_module.train          # the loop, as every unlearning training calls it
+
+    def counted(*args, **kwargs):
+        calls.append(args[4].lr)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(run_module, "train", counted)
+    settings = UnlearningSettings(methods=("graddiff",), lr=2e-2, max_steps=6, batch_size=4,
+                                  eval_every=2, utility=False, calibrate=("graddiff",),
+                                  calibration_grid=GRID, calibration_held=0.25,
+                                  retain_budget=budget)
+    unlearn_to_folder(lm, forget, retain, tmp_path / "u", settings)
+    stored = json.loads((tmp_path / "u" / "graddiff" / "settings.json").read_text())
+    chosen = stored["calibration"]["chosen"]
+    assert len(calls) == trainings and calls[-1] == pytest.approx(chosen)
+    assert stored["train_seconds"] > 0 and stored["seconds"] >= stored["train_seconds"]
+    monkeypatch.setattr(run_module, "train", real)
+    trained, _ = held_retain(retain, 0.25, seed=0)
+    fresh = unlearn(lm, forget, trained, method="graddiff", eval_every=2,
+                    train_config=replace(settings.train_config("graddiff"), lr=chosen),
+                    batch_size=settings.eval_batch_size,
+                    generation_budget=settings.generation_budget)
+    outcomes = pd.read_parquet(tmp_path / "u" / "graddiff" / "outcomes.parquet")
+    expected = fresh.per_sample()
+    pd.testing.assert_frame_equal(outcomes[expected.columns], expected, check_dtype=False)
+    trajectory = pd.read_csv(tmp_path / "u" / "graddiff" / "trajectory.csv")
+    assert sorted(trajectory["step"].unique()) == [0, 2, 4, 6]
+    np.testing.assert_allclose(trajectory["nll"].to_numpy(),
+                               fresh.trajectory["nll"].to_numpy(), rtol=0, atol=1e-6)
 
 
 def test_a_budget_change_reflags_a_reused_method(taught, tmp_path):

@@ -34,8 +34,7 @@ from cud.progress import Progress
 from cud.unlearning.hyperparameters import DEFAULT_TABLE
 from cud.unlearning.loop import TrainConfig
 from cud.unlearning.methods import UnlearningMethod
-from cud.unlearning.run import (forget_set_nll, method_and_config, start_unlearning,
-                                train_method)
+from cud.unlearning.run import Trained, forget_set_nll, method_and_config, train_unlearning
 
 #: mean retain NLL rise (nats per answer token) a usable unlearning may cost. On TOFU forget10
 #: (notes/tofu.md) the four methods that kept the model usable rose by 0.07-0.57 and RMU's
@@ -98,6 +97,8 @@ class Calibration:
     seconds: float = 0.0
     runs: int = 0                                   # rates trained in this call
     logs: dict = field(default_factory=dict)
+    #: the run at the chosen rate, when it was trained in this call and asked to be kept
+    trained: Trained | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "base_lr": self.base_lr, "rates": self.rates,
@@ -120,12 +121,15 @@ def calibrate(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASa
               budget: float = DEFAULT_BUDGET, batch_size: int = 16,
               known: dict[float, float] | None = None,
               on_rate: Callable[[float, float], None] | None = None,
-              progress: Progress | None = None) -> Calibration:
+              keep: bool = False, progress: Progress | None = None) -> Calibration:
     """Choose the rate (see the module docstring). ``retain``: the retain samples training
     reads (the held part left out); ``held``: the held part. Each rate is a full training run of
     the method at that rate (its other settings unchanged). ``known``: rises already measured
     (a resumed calibration), reused; ``on_rate(rate, rise)`` is called after each new run (to
-    write as you go)."""
+    write as you go). ``keep``: each rate is trained exactly as :func:`cud.unlearning.run.unlearn`
+    trains (its trajectory recorded at ``eval_every``), and the run at the chosen rate is kept
+    (``trained``), so the method's outcomes need no training of their own: one training fewer
+    per calibrated method. Without ``keep`` no trajectory is recorded."""
     check_calibration(grid, budget, 0.5)
     if not held:
         raise ConfigError("calibration needs a held part of the retain set")
@@ -137,20 +141,22 @@ def calibrate(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASa
     rises: dict[float, float] = {}
     runs = 0
     chosen = None
+    kept: Trained | None = None
     for rate in rates:
+        kept = None                        # a model is kept for the last rate tried only
         if known and rate in known:
             rise = float(known[rate])
         else:
             unlearning, _ = method_and_config(method, hyperparameter_table, hyperparameters,
                                               train_config, forget, retain)
-            net, work, reference = start_unlearning(lm, unlearning)
-            train_method(lm, net, unlearning, forget, retain,
-                         replace(config, lr=rate, eval_every=None), progress=progress,
-                         task=f"calibrate {unlearning.name}")
-            del reference
-            unlearning.reference = None
-            rise = held_rise(work, before, held, batch_size)
-            del net, work
+            trial = replace(config, lr=rate) if keep else replace(config, lr=rate,
+                                                                  eval_every=None)
+            run = train_unlearning(lm, forget, retain, unlearning, trial,
+                                   batch_size=batch_size, progress=progress,
+                                   task=f"calibrate {unlearning.name}", trajectory=keep)
+            rise = held_rise(run.work, before, held, batch_size)
+            kept = run if keep else None
+            del run
             runs += 1
             if on_rate is not None:
                 on_rate(rate, rise)
@@ -159,7 +165,10 @@ def calibrate(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASa
             chosen = rate
             break
     collapsed = chosen is None
+    chosen = rates[-1] if collapsed else chosen
+    if kept is not None and kept.config.lr != chosen:
+        kept = None
     return Calibration(method=unlearning.name, base_lr=config.lr, rates=rates, rises=rises,
-                       chosen=rates[-1] if collapsed else chosen, collapsed=collapsed,
-                       budget=budget, held_ids=[s.id for s in held],
-                       seconds=time.perf_counter() - start, runs=runs)
+                       chosen=chosen, collapsed=collapsed, budget=budget,
+                       held_ids=[s.id for s in held], seconds=time.perf_counter() - start,
+                       runs=runs, trained=kept)

@@ -517,7 +517,7 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
     if held:
         with matmul_precision(lm.device, settings.bf16):
             calibration = _calibrate(lm, forget, trained_retain, held, folder, name, settings,
-                                     request, progress)
+                                     request, progress, keep=train_plan is None)
         config = replace(config, lr=calibration.chosen)
     began = time.perf_counter()
     with matmul_precision(lm.device, settings.bf16):
@@ -533,7 +533,13 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
                          batch_size=settings.eval_batch_size,
                          generation_budget=settings.generation_budget,
                          metrics=settings.outcome_metrics(),
-                         eval_bf16=settings.eval_bf16, progress=progress, plan=train_plan)
+                         eval_bf16=settings.eval_bf16, progress=progress, plan=train_plan,
+                         trained=calibration.trained if calibration is not None else None)
+        # a calibration's run at the chosen rate stood for the training: its seconds count
+        reused_training = calibration.trained.log.seconds \
+            if calibration is not None and calibration.trained is not None else 0.0
+        if calibration is not None:
+            calibration.trained = None
         if held:
             rise = held_rise(result.model, float(retain_before()["nll"].reindex(
                 [s.id for s in held]).mean()), held, settings.eval_batch_size)
@@ -559,7 +565,7 @@ def _method(lm, forget, retain, folder: Path, name: str, settings: UnlearningSet
                                               batch_size=settings.eval_batch_size,
                                               generation_budget=settings.generation_budget,
                                               bf16=settings.eval_bf16)
-    stored["seconds"] = round(time.perf_counter() - began, 2)
+    stored["seconds"] = round(time.perf_counter() - began + reused_training, 2)
     record_price(folder.parent, name, stored["seconds"], len(forget),
                  what="training, outcomes after unlearning, retain NLL and utility")
     _flag_collapse(stored, settings)
@@ -586,7 +592,7 @@ def _flag_collapse(stored: dict, settings: UnlearningSettings) -> bool:
 
 
 def _calibrate(lm, forget, trained_retain, held, folder: Path, name: str,
-               settings: UnlearningSettings, request: dict, progress):
+               settings: UnlearningSettings, request: dict, progress, keep: bool = False):
     """The method's calibration (:func:`cud.unlearning.calibration.calibrate`), each rate's
     rise written to ``calibration.json`` as it is measured, so a killed calibration resumes;
     one made with another request is refused."""
@@ -604,7 +610,7 @@ def _calibrate(lm, forget, trained_retain, held, folder: Path, name: str,
                      hyperparameters=settings.method_hyperparameters(name),
                      train_config=settings.train_config(name), grid=settings.calibration_grid,
                      budget=settings.retain_budget, batch_size=settings.eval_batch_size,
-                     known=known, on_rate=write, progress=progress)
+                     known=known, on_rate=write, keep=keep, progress=progress)
 
 
 def _summary(name, table, after, stored, threshold, reused) -> dict:

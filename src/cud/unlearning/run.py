@@ -142,6 +142,48 @@ def train_method(lm: LoadedModel, net: torch.nn.Module, unlearning: UnlearningMe
                  parameters=unlearning.trainable_parameters(net), **train_options)
 
 
+@dataclass
+class Trained:
+    """A method trained on a copy of a model (:func:`train_unlearning`): the method as set up,
+    its training settings, the trained model, the loop's log and the trajectory's evaluations
+    (the forget set's NLL before the first step, every ``eval_every`` steps and after the last)."""
+
+    unlearning: UnlearningMethod
+    config: TrainConfig
+    work: LoadedModel
+    log: TrainLog
+    trajectory: list[pd.DataFrame]
+
+
+def train_unlearning(lm: LoadedModel, forget: Sequence[QASample],
+                     retain: Sequence[QASample] | None, unlearning: UnlearningMethod,
+                     config: TrainConfig, *, batch_size: int = 16, in_place: bool = False,
+                     progress: Progress | None = None, plan: TrainPlan | None = None,
+                     trajectory_sink: Callable[[pd.DataFrame], None] | None = None,
+                     task: str | None = None, trajectory: bool = True) -> Trained:
+    """Train ``unlearning`` (built, not yet set up) on a copy of ``lm`` (``lm`` itself with
+    ``in_place``) with ``config``, recording the trajectory; ``trajectory_sink`` receives each
+    evaluation's rows as they are made (``trajectory`` False: none are made). The one training path of :func:`unlearn` and of the
+    calibration's runs, so a calibration run can stand for the run at its rate."""
+    net, work, reference = start_unlearning(lm, unlearning, in_place)
+    rows: list[pd.DataFrame] = []
+
+    def evaluate(step: int) -> None:
+        nll = forget_set_nll(work, forget, batch_size)
+        frame = pd.DataFrame({"step": step, "id": list(nll), "nll": list(nll.values())})
+        frame["prob"] = np.exp(-frame["nll"])
+        rows.append(frame)
+        if trajectory_sink is not None:
+            trajectory_sink(frame)
+
+    log = train_method(lm, net, unlearning, forget, retain, config,
+                       evaluate=evaluate if trajectory else None, progress=progress, plan=plan,
+                       **({"task": task} if task else {}))
+    del reference
+    unlearning.reference = None
+    return Trained(unlearning, config, work, log, rows)
+
+
 def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASample] | None = None,
             *, method: str | UnlearningMethod = "graddiff",
             hyperparameter_table: str = DEFAULT_TABLE,
@@ -153,7 +195,7 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
             evaluate_retain: bool = False, retain_before: pd.DataFrame | None = None,
             progress: Progress | None = None,
             trajectory_sink: Callable[[pd.DataFrame], None] | None = None,
-            plan: TrainPlan | None = None) -> UnlearningResult:
+            plan: TrainPlan | None = None, trained: Trained | None = None) -> UnlearningResult:
     """Unlearn ``forget`` from ``lm`` and return the unlearned model and per-sample outcomes.
 
     ``method``: a registry name (ga, graddiff, npo, simnpo, rmu, undial) or a built method.
@@ -167,7 +209,9 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
     ``trajectory_sink`` receives each evaluation's rows as they are made (to write as you go).
     ``eval_bf16``: the evaluations before and after in bf16 products
     (:func:`cud.unlearning.outcomes.evaluate_outcomes`). ``plan``: a strategy's changes to the
-    loop (:mod:`cud.unlearning.strategies`; None: plain).
+    loop (:mod:`cud.unlearning.strategies`; None: plain). ``trained``: the method already
+    trained with these settings (a calibration's run at the chosen rate,
+    :func:`train_unlearning`): only evaluated, its trajectory passed to ``trajectory_sink``.
     """
     unlearning, config = method_and_config(method, hyperparameter_table, hyperparameters,
                                            train_config, forget, retain)
@@ -182,22 +226,15 @@ def unlearn(lm: LoadedModel, forget: Sequence[QASample], retain: Sequence[QASamp
     elif retain_before is None:
         retain_before = retain_outcomes(lm, retain, batch_size, bf16=eval_bf16)
 
-    net, work, reference = start_unlearning(lm, unlearning, in_place)
-
-    rows: list[pd.DataFrame] = []
-
-    def evaluate(step: int) -> None:
-        nll = forget_set_nll(work, forget, batch_size)
-        frame = pd.DataFrame({"step": step, "id": list(nll), "nll": list(nll.values())})
-        frame["prob"] = np.exp(-frame["nll"])
-        rows.append(frame)
-        if trajectory_sink is not None:
+    if trained is None:
+        trained = train_unlearning(lm, forget, retain, unlearning, config,
+                                   batch_size=batch_size, in_place=in_place, progress=progress,
+                                   plan=plan, trajectory_sink=trajectory_sink)
+    elif trajectory_sink is not None:
+        for frame in trained.trajectory:
             trajectory_sink(frame)
-
-    log = train_method(lm, net, unlearning, forget, retain, config, evaluate=evaluate,
-                       progress=progress, plan=plan)
-    del reference
-    unlearning.reference = None
+    unlearning, config, work, log = trained.unlearning, trained.config, trained.work, trained.log
+    rows = trained.trajectory
 
     after = evaluate_outcomes(work, forget, metrics=metrics, batch_size=batch_size,
                               generation_budget=generation_budget, bf16=eval_bf16)
