@@ -6,7 +6,9 @@ the forget set, old path against new, in one run on the same samples.
   (``budget`` times the batch's longest answer plus 8), every row running to the batch's end;
 - new, fp32: each prompt run once for all its answers (:mod:`cud.models.variants`), cached
   greedy decoding with each row stopping at its own end or budget (:mod:`cud.models.decoding`);
-- new, bf16: the same under :func:`cud.models.precision.evaluation_precision`.
+- new, bf16: the same under :func:`cud.models.precision.evaluation_precision`;
+- teacher-forced only (``[unlearning] answers = false``): the new fp32 pass without the truth
+  ratio's answers and without greedy answers, against the whole new fp32 evaluation.
 
 Prints seconds, the ratio old / new per part and in all, and how far each new path moves the
 numbers from the old: the largest absolute change of NLL and truth ratio, the share of greedy
@@ -146,6 +148,14 @@ def main() -> None:
                      f"rho nll {rho['nll']:.3f} tr {rho['truth_ratio']:.3f} "
                      f"rouge {rho['rougeL']:.3f}")
         print(line, flush=True)
+    tf_new, _, t_tf_new, t_g_new = runs["new fp32"]
+    only, t_only = timed(lambda: _scored(lm, samples, truth=False, answers=True,
+                                         batch_size=args.batch_size, progress=None, task=""))
+    moved = max((only[m] - tf_new[m]).abs().max() for m in ("nll", "prob", "exact_mem"))
+    print(f"{'tf only':<10} {t_only:>10.1f} {'':>6} {0.0:>9.1f} {'':>6} {t_only:>8.1f} "
+          f"{(t_tf_new + t_g_new) / t_only:>6.2f}  (answers = false) against new fp32 in all; "
+          f"its NLL, probability and exact memorisation move by at most {moved:.1e}",
+          flush=True)
 
 
 if __name__ == "__main__":
