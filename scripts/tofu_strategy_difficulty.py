@@ -23,16 +23,10 @@ import pandas as pd
 from cud.difficulty.forecast import (fit_forecaster, forecaster_inputs, one_hot_types,
                                      training_ids)
 from cud.difficulty.groundtruth import difficulty
-from cud.difficulty.ladder import PoolView
+from cud.difficulty.ladder import _forecast_table  # the ladder's forecaster inputs of a pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tofu_ladder import views_of  # noqa: E402  (the ladder's own view of each pool)
-
-
-def forecast_table(view: PoolView) -> pd.DataFrame:
-    """The forecaster inputs of a pool, as the ladder builds them."""
-    from cud.difficulty.ladder import _forecast_table
-    return _forecast_table(view)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.methods.split(","):
         view = views_of(root, m, info, features)[0]
         out[f"cud_{m}"] = view.scores["cud"].reindex(out.index)
-        table = forecast_table(view)
+        table = _forecast_table(view)
         cols = forecaster_inputs(table.columns)["forecast_pre"]
         truth = difficulty(pd.read_parquet(root / f"outcomes_{m}.parquet"), "nll_after")
         fit = fit_forecaster(table[cols], truth,
